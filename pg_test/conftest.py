@@ -1,0 +1,43 @@
+"""pytest fixtures for the end-to-end suite: one server and one broker for
+the whole session, started from scratch by the rig."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import rig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def broker():
+    b = rig.Broker()
+    b.reset()
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    if not os.environ.get("OUTBOX_SKIP_INSTALL"):
+        rig.install_extension()
+    p = rig.Postgres()
+    p.init()
+    p.start()
+    p.create_database()
+    yield p
+    p.stop(mode="fast", check=False)
+
+
+@pytest.fixture(scope="session")
+def db(pg):
+    """The outbox database with the extension and the relay's slot (created by
+    hand until the relay worker creates it)."""
+    with pg.connect() as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS outbox")
+        if not c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone():
+            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
+    return pg

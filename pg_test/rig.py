@@ -1,0 +1,298 @@
+"""The end-to-end rig: a real PostgreSQL cluster with outbox preloaded and a
+real Kafka-protocol broker (tansu) on 127.0.0.1, started and stopped by this
+module. Used by the pytest suite (conftest.py), the demo and the benchmarks.
+
+Postgres refuses to run as root, so the cluster runs as the `postgres` OS
+user through sudo; its files live under pg_test/.run/.
+
+Fault helpers for the relay's tests: stop/start the broker (it keeps its data
+in sqlite across restarts), stop the server with `-m immediate`, kill a
+backend by pid, and a consumer that reads a topic back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RUN = Path(os.environ.get("OUTBOX_RUN_DIR", HERE / ".run"))
+PG_MAJOR = "15"
+PG_BIN = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
+PG_CONFIG = PG_BIN / "pg_config"
+PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "55432"))
+KAFKA_PORT = int(os.environ.get("OUTBOX_KAFKA_PORT", "19092"))
+BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
+DATABASE = "outbox_test"
+
+
+def log(msg: str) -> None:
+    print(f"[rig] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def as_postgres(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return run(["sudo", "-u", "postgres", "--", *cmd], **kw)
+
+
+def wait_for(what: str, cond, timeout: float = 30.0, interval: float = 0.05):
+    """Polls cond() until it returns a truthy value; fails with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - reported if we time out
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ---------------------------------------------------------------- extension
+
+
+def install_extension(release: bool = False) -> None:
+    """Builds and installs the extension into the system's PostgreSQL 15."""
+    cmd = ["cargo", "pgrx", "install", "--pg-config", str(PG_CONFIG)]
+    if release:
+        cmd.append("--release")
+    log("cargo pgrx install" + (" --release" if release else ""))
+    run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+
+
+def server_has_output_plugin_libraries() -> bool:
+    """Since 15.19 (CVE-2026-6471) output plugins must be listed in
+    output_plugin_libraries; older servers refuse that unknown setting."""
+    sharedir = subprocess.run([str(PG_CONFIG), "--sharedir"], capture_output=True, text=True, check=True).stdout.strip()
+    return "output_plugin_libraries" in Path(sharedir, "postgresql.conf.sample").read_text()
+
+
+# ---------------------------------------------------------------- postgres
+
+
+class Postgres:
+    def __init__(self, run_dir: Path = RUN, port: int = PG_PORT):
+        self.dir = run_dir / "pg"
+        self.data = self.dir / "data"
+        self.sock = self.dir / "sock"
+        self.logfile = self.dir / "postgres.log"
+        self.port = port
+
+    def dsn(self, dbname: str = DATABASE, user: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
+
+    def connect(self, dbname: str = DATABASE, user: str = "postgres", autocommit: bool = True) -> psycopg.Connection:
+        return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit)
+
+    def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["sudo", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]
+        return subprocess.run(cmd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def init(self, settings: dict[str, str] | None = None) -> None:
+        """A fresh cluster configured for outbox, plus extra settings."""
+        self.stop(mode="immediate", check=False)
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.sock.mkdir(parents=True)
+        run(["chown", "-R", "postgres:postgres", str(self.dir)])
+        as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                     "--locale=C.UTF-8"], stdout=subprocess.DEVNULL)
+        conf = {
+            "port": str(self.port),
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.sock}'",
+            "shared_preload_libraries": "'outbox'",
+            "wal_level": "logical",
+            "max_replication_slots": "10",
+            "max_wal_senders": "10",
+            "max_prepared_transactions": "10",
+            "fsync": "on",
+            "logging_collector": "off",
+            "log_min_messages": "warning",
+            "outbox.database": f"'{DATABASE}'",
+            "outbox.kafka_bootstrap_servers": f"'{BOOTSTRAP}'",
+        }
+        if server_has_output_plugin_libraries():
+            conf["output_plugin_libraries"] = "'pgoutput, test_decoding, outbox'"
+        conf.update(settings or {})
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("\n# outbox test rig\n")
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+
+    def start(self) -> None:
+        r = self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.logfile), check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"postgres did not start: {r.stderr}\n--- log tail ---\n{self.log_tail()}")
+
+    def stop(self, mode: str = "fast", check: bool = True) -> None:
+        if not (self.data / "postmaster.pid").exists():
+            return
+        self.pg_ctl("stop", "-w", "-m", mode, check=check)
+
+    def crash(self) -> None:
+        """Like a power loss for the server: immediate shutdown, no checkpoint."""
+        self.stop(mode="immediate")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def reload(self) -> None:
+        self.pg_ctl("reload")
+
+    def kill_backend(self, pid: int, sig: int = signal.SIGKILL) -> None:
+        """Kills one server process; after SIGKILL the postmaster restarts the
+        whole cluster, as after any backend crash."""
+        os.kill(pid, sig)
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def create_database(self, name: str = DATABASE) -> None:
+        with self.connect("postgres") as c:
+            if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                c.execute(f'CREATE DATABASE "{name}"')
+
+
+# ---------------------------------------------------------------- broker
+
+
+class Broker:
+    """tansu with sqlite storage, so its data survives its own restart."""
+
+    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_PORT):
+        self.dir = run_dir / "kafka"
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+        self.logfile = self.dir / "tansu.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        self.stop()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+
+    def start(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(
+                ["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--storage-engine", f"sqlite://{self.dir}/tansu.db"],
+                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_for(f"the broker on port {self.port}", lambda: port_open(self.port) or self._died(), timeout=30)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with {self.proc.returncode}; see {self.logfile}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=10)
+
+    def create_topic(self, name: str, partitions: int = 3) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name]
+        try:
+            fut.result(15)
+        except Exception as e:  # noqa: BLE001
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+
+    def produce(self, topic: str, messages: list[tuple[bytes | None, bytes]], headers=None) -> None:
+        from confluent_kafka import Producer
+
+        p = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "acks": "all",
+                      "partitioner": "murmur2_random"})
+        errors = []
+        for k, v in messages:
+            p.produce(topic, key=k, value=v, headers=headers,
+                      on_delivery=lambda err, msg: errors.append(err) if err else None)
+        remaining = p.flush(30)
+        if remaining or errors:
+            raise RuntimeError(f"produce to {topic} failed: {remaining} undelivered, errors {errors}")
+
+    def consume(self, topic: str, expect: int, timeout: float = 30.0) -> list[dict]:
+        """Reads a topic from the beginning until `expect` messages arrived
+        (or the timeout passed) and returns them in partition/offset order per
+        partition, each as a dict with key, value, headers, partition,
+        offset, timestamp."""
+        from confluent_kafka import Consumer, KafkaError
+
+        c = Consumer({
+            "bootstrap.servers": self.bootstrap,
+            "group.id": f"rig-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        })
+        c.subscribe([topic])
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(out) < expect and time.monotonic() < deadline:
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                if m.error():
+                    if m.error().code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                        continue
+                    raise RuntimeError(f"consume {topic}: {m.error()}")
+                out.append({
+                    "key": m.key(), "value": m.value(),
+                    "headers": {k: (v.decode() if v is not None else None) for k, v in (m.headers() or [])},
+                    "partition": m.partition(), "offset": m.offset(), "timestamp": m.timestamp()[1],
+                })
+        finally:
+            c.close()
+        return out
+
+
+def unique_topic(prefix: str = "t") -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"

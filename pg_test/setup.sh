@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs everything the demo, the tests and the benchmarks need on a fresh
+# Debian 12 machine where we are root: PostgreSQL 15 with server headers, the
+# pinned cargo-pgrx, the pinned Kafka-protocol broker (tansu) and a Python
+# virtualenv for the end-to-end suite. Every step is skipped when already done,
+# so a warm run costs seconds.
+set -euo pipefail
+
+PGRX_VERSION=0.18.0
+TANSU_VERSION=0.6.0
+# sqlite storage through libsql: without a storage feature tansu silently
+# falls back to a null engine that drops every message.
+TANSU_FEATURES=libsql
+PG_MAJOR=15
+
+here=$(cd "$(dirname "$0")" && pwd)
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+apt_packages=(
+  "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" postgresql-contrib
+  libclang-dev clang build-essential pkg-config libssl-dev zlib1g-dev sudo
+  python3-venv
+)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# The server must be the same minor release as the headers we build against
+# (machine images ship an older postgresql-15 than apt's postgresql-server-dev-15).
+server_v=$(dpkg-query -W -f='${Version}' "postgresql-$PG_MAJOR" 2>/dev/null || true)
+headers_v=$(dpkg-query -W -f='${Version}' "postgresql-server-dev-$PG_MAJOR" 2>/dev/null || true)
+if [[ -z $headers_v || $server_v != "$headers_v" ]]; then
+  missing+=("postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" "postgresql-client-$PG_MAJOR")
+fi
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's package starts a cluster of its own on 5432; we run our own.
+  if command -v pg_lsclusters >/dev/null; then
+    pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
+      pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true
+    done
+  fi
+fi
+
+if [[ "$(cargo pgrx --version 2>/dev/null || true)" != *"$PGRX_VERSION"* ]]; then
+  log "cargo install cargo-pgrx $PGRX_VERSION (several minutes)"
+  cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
+fi
+
+pg_config=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+if ! grep -qs "pg$PG_MAJOR = \"$pg_config\"" "$HOME/.pgrx/config.toml"; then
+  log "cargo pgrx init --pg$PG_MAJOR $pg_config"
+  cargo pgrx init "--pg$PG_MAJOR" "$pg_config" >/dev/null
+fi
+
+if [[ "$(tansu --version 2>/dev/null || true)" != *"$TANSU_VERSION"* ]]; then
+  log "cargo install tansu $TANSU_VERSION (the broker; many minutes)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features "$TANSU_FEATURES"
+fi
+
+venv=$here/.venv
+if [[ ! -x $venv/bin/python ]] || ! cmp -s "$here/requirements.txt" "$venv/requirements.txt"; then
+  log "python venv for the end-to-end suite"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
+  cp "$here/requirements.txt" "$venv/requirements.txt"
+fi
+log "ready"

@@ -1,0 +1,122 @@
+-- outbox: the extension's SQL objects, created in the schema chosen at
+-- CREATE EXTENSION (by default the first schema of search_path).
+
+-- The role that may write events, and nothing else. Roles are cluster-wide,
+-- so it may already exist from another database.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_producer') THEN
+        CREATE ROLE outbox_producer NOLOGIN;
+    END IF;
+END
+$$;
+
+-- Headers: a JSON object of string values, none named id, type or
+-- aggregatetype (the relay sets those). Mirrors outbox_emit()'s check.
+CREATE FUNCTION outbox_headers_valid(headers jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT headers IS NULL OR (
+        pg_catalog.jsonb_typeof(headers) = 'object'
+        AND NOT EXISTS (
+            SELECT FROM pg_catalog.jsonb_each(headers) AS h(k, v)
+            WHERE pg_catalog.jsonb_typeof(h.v) <> 'string' OR h.k = '' OR h.k IN ('id', 'type', 'aggregatetype')
+        )
+    )
+$$;
+
+-- The Debezium-style outbox table: code that already inserts rows with
+-- these columns works unchanged. Rows are published like outbox_emit()'s
+-- events; the constraints and the guard trigger refuse, at INSERT, a row
+-- the relay could not publish.
+CREATE TABLE outbox (
+    id            uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
+    aggregatetype text        NOT NULL CONSTRAINT outbox_aggregatetype_not_empty CHECK (aggregatetype <> ''),
+    aggregateid   text        NOT NULL CONSTRAINT outbox_aggregateid_not_empty CHECK (aggregateid <> ''),
+    type          text        NOT NULL CONSTRAINT outbox_type_not_empty CHECK (type <> ''),
+    payload       jsonb       NOT NULL,
+    headers       jsonb       NOT NULL DEFAULT '{}' CONSTRAINT outbox_headers_valid CHECK (@extschema@.outbox_headers_valid(headers)),
+    created_at    timestamptz NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE outbox IS 'Debezium-style outbox: inserted rows are published to Kafka by the outbox relay';
+
+-- Same checks as outbox_emit() that need settings or server state: the
+-- topic the row routes to, its size as a Kafka record, the slot, the database.
+CREATE FUNCTION outbox_table_guard() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_table_guard';
+
+CREATE TRIGGER outbox_guard BEFORE INSERT ON outbox
+FOR EACH ROW EXECUTE FUNCTION outbox_table_guard();
+
+-- Writes one event as a transactional logical decoding message; no table row.
+CREATE FUNCTION outbox_emit(
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
+    payload        jsonb,
+    headers        jsonb DEFAULT '{}',
+    topic          text  DEFAULT NULL
+) RETURNS uuid
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'outbox_emit';
+
+COMMENT ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) IS
+    'Writes an outbox event in the current transaction; it is published to Kafka if and only if the transaction commits';
+
+-- A ready row trigger: publishes a table's inserts, updates and deletes.
+--   CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE OR DELETE ON orders
+--   FOR EACH ROW EXECUTE FUNCTION outbox_row_trigger('Order', 'id');
+-- Arguments: aggregate type, key column, then optional event types for
+-- insert, update and delete (default: <aggregate type>Created / Updated /
+-- Deleted). Payload: the new row as JSON, the old row for deletes.
+-- SECURITY DEFINER so that whoever writes the table publishes through it
+-- without holding outbox_producer; creating such a trigger needs EXECUTE on
+-- this function, which only outbox_producer has.
+CREATE FUNCTION outbox_row_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    row_json   jsonb;
+    event_type text;
+BEGIN
+    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' THEN
+        RAISE EXCEPTION 'outbox_row_trigger() must be fired AFTER ... FOR EACH ROW, not % ... FOR EACH % (trigger "%" on %.%)',
+                TG_WHEN, TG_LEVEL, TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
+            USING ERRCODE = 'E_R_I_E_TRIGGER_PROTOCOL_VIOLATED',
+                  HINT = 'A BEFORE trigger can publish an event for a row that a later trigger or ON CONFLICT DO NOTHING then skips. Use CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW.';
+    END IF;
+    IF TG_NARGS < 2 OR TG_NARGS > 5 THEN
+        RAISE EXCEPTION 'outbox_row_trigger() takes 2 to 5 arguments, trigger "%" on %.% gives %',
+                TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NARGS
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Arguments: aggregate type, key column[, insert event type[, update event type[, delete event type]]], e.g. outbox_row_trigger(''Order'', ''id'').';
+    END IF;
+    row_json := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
+    IF NOT row_json ? TG_ARGV[1] THEN
+        RAISE EXCEPTION 'outbox_row_trigger(): table %.% has no column "%" (trigger "%")',
+                TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[1], TG_NAME
+            USING ERRCODE = 'undefined_column',
+                  HINT = 'The second argument names the column whose value becomes the aggregate id (the Kafka key).';
+    END IF;
+    event_type := CASE TG_OP
+        WHEN 'INSERT' THEN coalesce(TG_ARGV[2], TG_ARGV[0] || 'Created')
+        WHEN 'UPDATE' THEN coalesce(TG_ARGV[3], TG_ARGV[0] || 'Updated')
+        WHEN 'DELETE' THEN coalesce(TG_ARGV[4], TG_ARGV[0] || 'Deleted')
+    END;
+    PERFORM @extschema@.outbox_emit(TG_ARGV[0], row_json ->> TG_ARGV[1], event_type, row_json);
+    RETURN NULL;
+END
+$$;
+
+-- Least privilege: nothing for PUBLIC; the producer role may emit, insert
+-- and attach the ready trigger, and nothing else.
+REVOKE ALL ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_table_guard() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_row_trigger() FROM PUBLIC;
+REVOKE ALL ON TABLE outbox FROM PUBLIC;
+GRANT USAGE ON SCHEMA @extschema@ TO outbox_producer;
+GRANT EXECUTE ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) TO outbox_producer;
+GRANT EXECUTE ON FUNCTION outbox_row_trigger() TO outbox_producer;
+GRANT INSERT ON TABLE outbox TO outbox_producer;

@@ -1,0 +1,210 @@
+//! What the output plugin hands to whoever reads the slot: one record per
+//! committed outbox event, carrying its transaction's commit position and
+//! time.
+//!
+//! Two renderings of the same record:
+//! * binary (`format 'binary'`), read by the relay worker with no parsing
+//!   beyond length prefixes;
+//! * JSON text (the default), for humans and tests reading a slot with
+//!   `pg_logical_slot_peek_changes`.
+//!
+//! `commit_lsn` is the transaction's end LSN and `commit_time` its commit
+//! timestamp: that is the position a reader may confirm once the event is
+//! delivered. `lsn` is the event record's own position, used only to name it
+//! in messages.
+
+use crate::codec::{self, CodecError, Reader};
+use crate::{format_uuid, lsn, time, Event};
+
+pub const VERSION_1: u8 = 1;
+
+/// How an event entered the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A logical message written by `outbox_emit()`.
+    Emit = 0,
+    /// A row inserted into the outbox table (Debezium style).
+    Table = 1,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Emit => "emit",
+            Source::Table => "table",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedEvent<'a> {
+    pub source: Source,
+    pub xid: u32,
+    /// End LSN of the committing transaction.
+    pub commit_lsn: u64,
+    /// Commit time in Postgres' representation (µs since 2000-01-01 UTC).
+    pub commit_time: i64,
+    /// The event record's own LSN.
+    pub lsn: u64,
+    pub event: Event<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodedError {
+    #[error("unknown decoded-event version {0}")]
+    UnknownVersion(u8),
+    #[error("unknown event source {0}")]
+    UnknownSource(u8),
+    #[error("malformed decoded event: {0}")]
+    Malformed(#[from] CodecError),
+}
+
+const FIXED_LEN: usize = 1 + 1 + 4 + 8 + 8 + 8;
+
+/// Appends the binary rendering to `out` (the plugin's output buffer).
+pub fn encode_binary(out: &mut Vec<u8>, d: &DecodedEvent<'_>) {
+    out.reserve(FIXED_LEN + codec::event_len(&d.event));
+    out.push(VERSION_1);
+    out.push(d.source as u8);
+    codec::put_u32(out, d.xid);
+    out.extend_from_slice(&d.commit_lsn.to_le_bytes());
+    out.extend_from_slice(&d.commit_time.to_le_bytes());
+    out.extend_from_slice(&d.lsn.to_le_bytes());
+    codec::put_event(out, &d.event);
+}
+
+pub fn decode_binary(bytes: &[u8]) -> Result<DecodedEvent<'_>, DecodedError> {
+    let mut r = Reader::new(bytes);
+    let [version, source] = r.array::<2>()?;
+    if version != VERSION_1 {
+        return Err(DecodedError::UnknownVersion(version));
+    }
+    let source = match source {
+        0 => Source::Emit,
+        1 => Source::Table,
+        other => return Err(DecodedError::UnknownSource(other)),
+    };
+    let xid = r.u32()?;
+    let commit_lsn = r.u64()?;
+    let commit_time = r.i64()?;
+    let lsn = r.u64()?;
+    let event = r.event()?;
+    r.finish()?;
+    Ok(DecodedEvent { source, xid, commit_lsn, commit_time, lsn, event })
+}
+
+fn json_str(out: &mut String, s: &str) {
+    // serde_json's string escaping is exactly JSON's; writing into a String
+    // cannot fail.
+    out.push_str(&serde_json::Value::from(s).to_string());
+}
+
+/// Appends the JSON text rendering. The payload is inserted verbatim: it is
+/// already JSON, printed by Postgres' jsonb output function.
+pub fn encode_json(out: &mut String, d: &DecodedEvent<'_>) {
+    let ev = &d.event;
+    out.push_str("{\"id\":\"");
+    out.push_str(&format_uuid(&ev.id));
+    out.push_str("\",\"source\":\"");
+    out.push_str(d.source.name());
+    out.push_str("\",\"xid\":");
+    out.push_str(&d.xid.to_string());
+    out.push_str(",\"commit_lsn\":\"");
+    out.push_str(&lsn::format(d.commit_lsn));
+    out.push_str("\",\"commit_time\":\"");
+    out.push_str(&time::format_rfc3339(time::pg_to_unix_micros(d.commit_time)));
+    out.push_str("\",\"lsn\":\"");
+    out.push_str(&lsn::format(d.lsn));
+    out.push_str("\",\"aggregatetype\":");
+    json_str(out, ev.aggregate_type);
+    out.push_str(",\"aggregateid\":");
+    json_str(out, ev.aggregate_id);
+    out.push_str(",\"type\":");
+    json_str(out, ev.event_type);
+    out.push_str(",\"topic\":");
+    match ev.topic {
+        Some(t) => json_str(out, t),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"headers\":{");
+    for (i, (k, v)) in ev.headers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        json_str(out, k);
+        out.push(':');
+        json_str(out, v);
+    }
+    out.push_str("},\"payload\":");
+    out.push_str(ev.payload);
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DecodedEvent<'static> {
+        DecodedEvent {
+            source: Source::Table,
+            xid: 741,
+            commit_lsn: 0x1_6B37_48,
+            // 2026-11-22T19:51:55.123456Z
+            commit_time: (1_795_377_115 - 946_684_800) * 1_000_000 + 123_456,
+            lsn: 0x1_6B36_00,
+            event: Event {
+                id: [0xab; 16],
+                aggregate_type: "Order",
+                aggregate_id: "4\"2",
+                event_type: "OrderPlaced",
+                topic: Some("orders"),
+                headers: vec![("trace", "t\n1")],
+                payload: r#"{"total": 4200}"#,
+            },
+        }
+    }
+
+    #[test]
+    fn golden_json() {
+        let mut s = String::new();
+        encode_json(&mut s, &sample());
+        assert_eq!(
+            s,
+            concat!(
+                r#"{"id":"abababab-abab-abab-abab-abababababab","source":"table","xid":741,"#,
+                r#""commit_lsn":"0/16B3748","commit_time":"2026-11-22T19:51:55.123456Z","lsn":"0/16B3600","#,
+                r#""aggregatetype":"Order","aggregateid":"4\"2","type":"OrderPlaced","topic":"orders","#,
+                r#""headers":{"trace":"t\n1"},"payload":{"total": 4200}}"#
+            )
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(parsed["payload"]["total"], 4200);
+    }
+
+    #[test]
+    fn golden_binary_round_trip() {
+        let mut out = Vec::new();
+        encode_binary(&mut out, &sample());
+        assert_eq!(&out[..FIXED_LEN], &[
+            1, 1, // version, source
+            0xe5, 0x02, 0, 0, // xid 741
+            0x48, 0x37, 0x6b, 0x01, 0, 0, 0, 0, // commit lsn
+            0x00, 0x6f, 0xf7, 0x93, 0xe1, 0x03, 0x03, 0x00, // commit time
+            0x00, 0x36, 0x6b, 0x01, 0, 0, 0, 0, // lsn
+        ][..]);
+        assert_eq!(decode_binary(&out).unwrap(), sample());
+        assert_eq!(decode_binary(&out[..out.len() - 1]).map(|_| ()), Err(DecodedError::Malformed(CodecError::Truncated { offset: out.len() - 15, needed: 1 })));
+    }
+
+    #[test]
+    fn rejects_unknown_versions_and_sources() {
+        let mut out = Vec::new();
+        encode_binary(&mut out, &sample());
+        let mut v2 = out.clone();
+        v2[0] = 2;
+        assert_eq!(decode_binary(&v2), Err(DecodedError::UnknownVersion(2)));
+        let mut s9 = out.clone();
+        s9[1] = 9;
+        assert_eq!(decode_binary(&s9), Err(DecodedError::UnknownSource(9)));
+    }
+}

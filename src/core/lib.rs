@@ -1,0 +1,66 @@
+//! The part of outbox that needs no server: the bytes `outbox_emit()` writes
+//! into the WAL, the bytes the output plugin hands to its reader, the checks
+//! an event must pass before it is accepted, topic routing and the parsing of
+//! settings. Everything here is covered by `cargo test -p outbox-core`; the
+//! extension crate is a thin Postgres shell around it.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod decoded;
+pub mod kafka_props;
+pub mod lsn;
+pub mod message;
+pub mod time;
+pub mod topic;
+pub mod validate;
+
+/// The prefix of the transactional logical decoding messages `outbox_emit()` writes.
+pub const MESSAGE_PREFIX: &str = "outbox";
+
+/// One outbox event, borrowed from whatever buffer it was decoded from.
+///
+/// The field names follow Debezium's outbox table (`aggregatetype`,
+/// `aggregateid`, `type`, `payload`) because those are what users already
+/// write and what consumers already read in headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// Stable event id: the Kafka header `id` consumers de-duplicate on.
+    pub id: [u8; 16],
+    pub aggregate_type: &'a str,
+    /// Becomes the Kafka message key, so per-aggregate order is kept.
+    pub aggregate_id: &'a str,
+    pub event_type: &'a str,
+    /// A per-event topic that overrides the routing template.
+    pub topic: Option<&'a str>,
+    /// The event's own Kafka headers, in the order they were given.
+    pub headers: Vec<(&'a str, &'a str)>,
+    /// The payload as JSON text, exactly as Postgres printed the jsonb value.
+    pub payload: &'a str,
+}
+
+/// Formats a 16-byte id the way Postgres prints a `uuid`.
+pub fn format_uuid(id: &[u8; 16]) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in id.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
+        s.push(char::from_digit((b & 0xf) as u32, 16).unwrap_or('0'));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_formatting_matches_postgres() {
+        let id = [
+            0x01, 0x93, 0x4b, 0x2e, 0x7c, 0x00, 0x7a, 0xbc, 0x8d, 0xef, 0x01, 0x23, 0x45, 0x67,
+            0x89, 0xab,
+        ];
+        assert_eq!(format_uuid(&id), "01934b2e-7c00-7abc-8def-0123456789ab");
+    }
+}

@@ -1,0 +1,256 @@
+//! The SQL entry points that put events into the outbox: `outbox_emit()`
+//! and the guard trigger on the outbox table. Both run the same checks,
+//! before commit, so an event that is accepted is one the relay can publish.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::prelude::*;
+use pgrx::{pg_sys, JsonB};
+
+use outbox_core::{message, validate, Event};
+
+use crate::errors::{raise, raise_invalid};
+use crate::{ffi, key, row, settings};
+
+/// Everything about the server that must hold for an event written now to be
+/// published: refused loudly here rather than silently never decoded.
+fn preflight(what: &CStr) -> &'static message::Key {
+    // SAFETY: both functions only read global state and raise an ERROR
+    // with the standard SQLSTATE when the transaction cannot write.
+    unsafe {
+        pg_sys::PreventCommandIfReadOnly(what.as_ptr());
+        pg_sys::PreventCommandDuringRecovery(what.as_ptr());
+    }
+    // SAFETY: wal_level is a plain global int set from postgresql.conf.
+    if unsafe { pg_sys::wal_level } < pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "outbox requires wal_level = logical",
+            Some("Events are published from the logical decoding stream, which this server does not write.".into()),
+            Some("Set wal_level = logical in postgresql.conf and restart the server.".into()),
+        );
+    }
+    check_database();
+    check_slot();
+    match key::get() {
+        Ok(k) => k,
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "outbox is not loaded at server start",
+            Some(e),
+            Some("Add outbox to shared_preload_libraries in postgresql.conf and restart the server.".into()),
+        ),
+    }
+}
+
+fn current_database() -> &'static str {
+    static NAME: once_cell::sync::OnceCell<String> = once_cell::sync::OnceCell::new();
+    NAME.get_or_init(|| {
+        // SAFETY: MyDatabaseId is valid in a backend connected to a database;
+        // get_database_name returns a palloc'd copy or NULL.
+        unsafe {
+            let p = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        }
+    })
+}
+
+fn check_database() {
+    let served = settings::database();
+    let here = current_database();
+    if here != served {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("outbox events can only be written in database \"{served}\", not \"{here}\""),
+            Some(format!(
+                "The outbox relay decodes database \"{served}\" (outbox.database); events written here would never be published."
+            )),
+            Some("Write events in the database named by outbox.database, or change that setting and restart.".into()),
+        );
+    }
+}
+
+/// The slot must exist in this database, use our plugin, be consistent
+/// (events committed before that point are never decoded) and be valid.
+fn check_slot() {
+    let name = settings::slot_name();
+    let cname = CString::new(name.clone()).unwrap_or_default();
+    let fix = format!(
+        "The outbox relay worker creates the slot when it starts: check that outbox is in shared_preload_libraries and \
+         look for the worker in the server log. Without the worker: SELECT pg_create_logical_replication_slot('{name}', 'outbox');"
+    );
+    // SAFETY: SearchNamedReplicationSlot takes the control lock itself
+    // (need_lock = true). The returned slot lives in shared memory for the
+    // server's life; we read word-sized fields without its spinlock, which
+    // can only give a stale answer, never a torn one, and this is a
+    // pre-check, not the guarantee (the relay holds the slot).
+    let (database, plugin, confirmed, restart, invalidated) = unsafe {
+        let slot = pg_sys::SearchNamedReplicationSlot(cname.as_ptr(), true);
+        if slot.is_null() {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("outbox replication slot \"{name}\" does not exist"),
+                Some("Events written now would never be decoded, so they are refused.".into()),
+                Some(fix),
+            );
+        }
+        let d = &(*slot).data;
+        (
+            d.database,
+            CStr::from_ptr(d.plugin.data.as_ptr()).to_string_lossy().into_owned(),
+            d.confirmed_flush,
+            d.restart_lsn,
+            d.invalidated_at,
+        )
+    };
+    // SAFETY: MyDatabaseId is a plain global.
+    if database != unsafe { pg_sys::MyDatabaseId } || plugin != "outbox" {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("replication slot \"{name}\" is not an outbox slot of this database"),
+            Some(format!("It uses output plugin \"{plugin}\" in database oid {}.", database.to_u32())),
+            Some("Point outbox.slot_name at a slot created with plugin 'outbox' in this database, or drop this one.".into()),
+        );
+    }
+    if restart == 0 && invalidated != 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("outbox replication slot \"{name}\" has been invalidated"),
+            Some("Postgres removed WAL the slot still needed (max_slot_wal_keep_size); events after that point are lost to it.".into()),
+            Some(format!("Drop the slot (SELECT pg_drop_replication_slot('{name}')) and let the relay recreate it; see the README's runbook.")),
+        );
+    }
+    if confirmed == 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("outbox replication slot \"{name}\" is not ready yet"),
+            Some("It is still looking for a consistent starting point; events written before it finds one would be lost.".into()),
+            Some("Retry shortly. Slot creation waits for transactions open at that moment, including prepared ones, to end.".into()),
+        );
+    }
+}
+
+fn check_or_raise<T>(r: Result<T, validate::Invalid>) -> T {
+    r.unwrap_or_else(|e| raise_invalid(e))
+}
+
+/// `outbox_emit(aggregate_type, aggregate_id, event_type, payload, headers, topic) RETURNS uuid`
+///
+/// A version-1 C function rather than a `#[pg_extern]`: the payload is
+/// printed once by `jsonb_out` and goes into the message as that text,
+/// without a round trip through serde.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let key = preflight(c"outbox_emit()");
+    // SAFETY: Postgres calls us with the six arguments our CREATE FUNCTION
+    // declares (text, text, text, jsonb, jsonb, text); pg_getarg checks
+    // for NULL and detoasts.
+    let (aggregate_type, aggregate_id, event_type, payload, headers, topic) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
+            pgrx::fcinfo::pg_getarg_datum(fcinfo, 3).map(|d| row::jsonb_text(d)),
+            pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, 4),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 5),
+        )
+    };
+    let checked = check_or_raise(settings::with_topic_template(|t| {
+        validate::event(
+            t,
+            settings::max_event_bytes(),
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload.as_deref(),
+            headers.as_ref().map(|h| &h.0),
+            topic,
+        )
+        .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
+    }));
+    let (aggregate_type, aggregate_id, event_type, headers, topic) = checked;
+    let id = uuid::Uuid::now_v7().into_bytes();
+    let ev = Event {
+        id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        topic,
+        headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        payload: payload.as_deref().unwrap_or("null"),
+    };
+    let bytes = message::encode(key, &ev);
+    // SAFETY: prefix and message point to live buffers of the given sizes;
+    // LogLogicalMessage copies them into WAL. The boundary guard turns a
+    // Postgres ERROR inside it into a Rust unwind.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            ffi::LogLogicalMessage(
+                c"outbox".as_ptr(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                true,
+            )
+        });
+    }
+    pgrx::Uuid::from_bytes(id).into_datum().unwrap_or(pg_sys::Datum::from(0))
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_outbox_emit() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// BEFORE INSERT row trigger on the outbox table: the same checks as
+/// `outbox_emit()`, so a row the relay could not publish is refused at
+/// INSERT instead of being discovered later.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn outbox_table_guard(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is Postgres' call frame; context is checked to be a
+    // TriggerData before it is dereferenced.
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            raise(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "outbox_table_guard() must be called as a trigger",
+                None,
+                None,
+            );
+        }
+        let td = ctx as *mut pg_sys::TriggerData;
+        let tuple = (*td).tg_trigtuple;
+        let desc = (*(*td).tg_relation).rd_att;
+        preflight(c"INSERT INTO the outbox table");
+        let r = row::read(tuple, desc).unwrap_or_else(|e| {
+            raise(PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION, e, None, None)
+        });
+        check_or_raise(settings::with_topic_template(|t| {
+            validate::event(
+                t,
+                settings::max_event_bytes(),
+                r.aggregate_type.as_deref(),
+                r.aggregate_id.as_deref(),
+                r.event_type.as_deref(),
+                r.payload.as_deref(),
+                r.headers.as_ref(),
+                None,
+            )
+            .map(|_| ())
+        }));
+        pg_sys::Datum::from(tuple)
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_outbox_table_guard() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}

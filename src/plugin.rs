@@ -1,0 +1,292 @@
+//! The library as its own logical decoding output plugin
+//! (`pg_create_logical_replication_slot(name, 'outbox')`).
+//!
+//! It yields only outbox events: logical messages with our prefix written by
+//! `outbox_emit()` (authenticated, see `outbox_core::message`) and inserts
+//! into the extension's outbox table. Everything else is skipped as early as
+//! possible. Each event is written as one output record
+//! (`outbox_core::decoded`) carrying its transaction's commit LSN and time;
+//! Postgres replays transactions at commit, in commit order, so rolled-back
+//! transactions and rolled-back subtransactions never get here.
+//!
+//! Options: `format` = `json` (default, text) or `binary` (what the relay
+//! reads).
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgList;
+
+use outbox_core::decoded::{self, DecodedEvent, Source};
+use outbox_core::{lsn, message, Event, MESSAGE_PREFIX};
+
+use crate::{key, row};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Binary,
+}
+
+/// Per-decoding-context state, owned by the context through
+/// `output_plugin_private` from startup to shutdown.
+struct State {
+    format: Format,
+    /// Whether a relation (by oid) is the extension's outbox table. Keyed by
+    /// oid so a table dropped and recreated is looked up afresh.
+    is_outbox: HashMap<pg_sys::Oid, bool>,
+    bin: Vec<u8>,
+    text: String,
+}
+
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    // SAFETY: Postgres hands us a zeroed callback struct to fill in.
+    unsafe {
+        (*cb).startup_cb = Some(startup);
+        (*cb).begin_cb = Some(begin);
+        (*cb).change_cb = Some(change);
+        (*cb).commit_cb = Some(commit);
+        (*cb).message_cb = Some(message_cb);
+        (*cb).shutdown_cb = Some(shutdown);
+    }
+}
+
+unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
+    // SAFETY: set in startup to a leaked Box<State>, freed only in shutdown.
+    unsafe { &mut *((*ctx).output_plugin_private as *mut State) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    opt: *mut pg_sys::OutputPluginOptions,
+    _is_init: bool,
+) {
+    let mut format = Format::Json;
+    // SAFETY: output_plugin_options is a List of DefElem built by Postgres
+    // from the slot function's or the worker's options.
+    unsafe {
+        let options = PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options);
+        for elem in options.iter_ptr() {
+            let name = CStr::from_ptr((*elem).defname).to_string_lossy();
+            let value = if (*elem).arg.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(pg_sys::defGetString(elem)).to_string_lossy().into_owned()
+            };
+            format = match (name.as_ref(), value.as_str()) {
+                ("format", "json") => Format::Json,
+                ("format", "binary") => Format::Binary,
+                ("format", other) => error!("outbox output plugin: unknown format \"{other}\" (use json or binary)"),
+                (other, _) => error!("outbox output plugin: unknown option \"{other}\" (known: format)"),
+            };
+        }
+        (*opt).output_type = match format {
+            Format::Json => pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_TEXTUAL_OUTPUT,
+            Format::Binary => pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT,
+        };
+        (*opt).receive_rewrites = false;
+        let st = Box::new(State { format, is_outbox: HashMap::new(), bin: Vec::new(), text: String::new() });
+        (*ctx).output_plugin_private = Box::into_raw(st).cast();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
+    // SAFETY: the pointer came from Box::into_raw in startup; nulled so a
+    // second shutdown cannot double-free.
+    unsafe {
+        let p = (*ctx).output_plugin_private as *mut State;
+        if !p.is_null() {
+            drop(Box::from_raw(p));
+            (*ctx).output_plugin_private = std::ptr::null_mut();
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin(_ctx: *mut pg_sys::LogicalDecodingContext, _txn: *mut pg_sys::ReorderBufferTXN) {}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit(
+    _ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    _commit_lsn: pg_sys::XLogRecPtr,
+) {
+}
+
+/// Writes one output record for an event of the transaction being replayed.
+unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, d: DecodedEvent<'_>) {
+    // SAFETY: called from a decoding callback, where ctx->out is the
+    // context's output buffer and Prepare/Write bracket one record.
+    unsafe {
+        let st = state(ctx);
+        let (ptr, len) = match st.format {
+            Format::Binary => {
+                st.bin.clear();
+                decoded::encode_binary(&mut st.bin, &d);
+                (st.bin.as_ptr(), st.bin.len())
+            }
+            Format::Json => {
+                st.text.clear();
+                decoded::encode_json(&mut st.text, &d);
+                (st.text.as_ptr(), st.text.len())
+            }
+        };
+        let _ = txn;
+        pg_sys::OutputPluginPrepareWrite(ctx, true);
+        pg_sys::appendBinaryStringInfo((*ctx).out, ptr.cast(), len as i32);
+        pg_sys::OutputPluginWrite(ctx, true);
+    }
+}
+
+/// Commit position and time come from the transaction (set before replay
+/// starts), never from the record's own LSN.
+unsafe fn commit_info(txn: *mut pg_sys::ReorderBufferTXN) -> (u32, u64, i64) {
+    // SAFETY: txn is the transaction being replayed at its commit.
+    unsafe { ((*txn).xid.into_inner(), (*txn).end_lsn, (*txn).xact_time.commit_time) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn message_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const std::ffi::c_char,
+    message_size: pg_sys::Size,
+    message: *const std::ffi::c_char,
+) {
+    // SAFETY: prefix is a NUL-terminated string and message points to
+    // message_size bytes, both owned by the reorder buffer for this call.
+    unsafe {
+        if CStr::from_ptr(prefix).to_bytes() != MESSAGE_PREFIX.as_bytes() {
+            return;
+        }
+        if !transactional || txn.is_null() {
+            warning!(
+                "outbox: skipping non-transactional message with prefix \"{MESSAGE_PREFIX}\" at LSN {}: outbox_emit() writes only transactional messages",
+                lsn::format(message_lsn)
+            );
+            return;
+        }
+        let bytes = std::slice::from_raw_parts(message.cast::<u8>(), message_size);
+        let key = match key::get() {
+            Ok(k) => k,
+            Err(e) => error!("outbox: cannot verify events: {e}"),
+        };
+        let event = match message::decode(key, bytes) {
+            Ok(ev) => ev,
+            Err(e) => {
+                warning!("outbox: skipping message at LSN {} (xid {}): {e}", lsn::format(message_lsn), (*txn).xid);
+                return;
+            }
+        };
+        let (xid, commit_lsn, commit_time) = commit_info(txn);
+        emit(ctx, txn, DecodedEvent { source: Source::Emit, xid, commit_lsn, commit_time, lsn: message_lsn, event });
+    }
+}
+
+/// Looks up the schema the extension is installed in by scanning
+/// pg_extension (PG15 has no exported helper for it).
+unsafe fn extension_namespace() -> Option<pg_sys::Oid> {
+    // SAFETY: a catalog scan by name on pg_extension with its own index, in
+    // the (historic) snapshot decoding has set up; the tuple is read before
+    // the scan ends.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as i32);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            pg_sys::Anum_pg_extension_extname as i16,
+            pg_sys::BTEqualStrategyNumber as u16,
+            pg_sys::F_NAMEEQ.into(),
+            pg_sys::Datum::from(c"outbox".as_ptr()),
+        );
+        let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ExtensionNameIndexId), true, std::ptr::null_mut(), 1, &mut key);
+        let tup = pg_sys::systable_getnext(scan);
+        let ns = if tup.is_null() {
+            None
+        } else {
+            let form = pg_sys::GETSTRUCT(tup) as *mut pg_sys::FormData_pg_extension;
+            Some((*form).extnamespace)
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+        ns
+    }
+}
+
+unsafe fn is_outbox_table(st: &mut State, relation: pg_sys::Relation) -> bool {
+    // SAFETY: relation is the open relation of the change being replayed.
+    unsafe {
+        let relid = (*relation).rd_id;
+        if let Some(&known) = st.is_outbox.get(&relid) {
+            return known;
+        }
+        let form = (*relation).rd_rel;
+        let name = CStr::from_ptr((*form).relname.data.as_ptr());
+        let yes = name.to_bytes() == b"outbox" && extension_namespace() == Some((*form).relnamespace);
+        st.is_outbox.insert(relid, yes);
+        yes
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    relation: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: all pointers are the reorder buffer's for this change.
+    unsafe {
+        if (*change).action != pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT {
+            return;
+        }
+        if !is_outbox_table(state(ctx), relation) {
+            return;
+        }
+        let buf = (*change).data.tp.newtuple;
+        if buf.is_null() {
+            return;
+        }
+        let tuple: pg_sys::HeapTuple = &mut (*buf).tuple;
+        let at = lsn::format((*change).lsn);
+        let r = match row::read(tuple, (*relation).rd_att) {
+            Ok(r) => r,
+            Err(e) => {
+                warning!("outbox: skipping outbox table row at LSN {at}: {e}");
+                return;
+            }
+        };
+        let (Some(id), Some(aggregate_type), Some(aggregate_id), Some(event_type), Some(payload)) =
+            (r.id, r.aggregate_type.as_deref(), r.aggregate_id.as_deref(), r.event_type.as_deref(), r.payload.as_deref())
+        else {
+            warning!("outbox: skipping outbox table row at LSN {at}: a required column is NULL (were the table's constraints dropped?)");
+            return;
+        };
+        let headers = match outbox_core::validate::headers(r.headers.as_ref()) {
+            Ok(h) => h,
+            Err(e) => {
+                warning!("outbox: skipping outbox table row at LSN {at}: {}", e.message);
+                return;
+            }
+        };
+        let event = Event {
+            id,
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            topic: None,
+            headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            payload,
+        };
+        let (xid, commit_lsn, commit_time) = commit_info(txn);
+        emit(ctx, txn, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });
+    }
+}

@@ -1,0 +1,218 @@
+//! The `outbox.*` settings (GUCs): definitions, validation and typed access.
+//!
+//! Restart-only (`Postmaster`) where the value is baked into something that
+//! lives as long as the server: the database the worker connects to, the slot
+//! it holds. Reloadable (`Sighup`) everywhere else; the worker rebuilds its
+//! Kafka producer on reload. Values that would fail later (a malformed
+//! property list, a template that cannot produce a topic name) are refused
+//! when set, with the reason, so a bad reload keeps the old value.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use once_cell::sync::Lazy;
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use outbox_core::{kafka_props, topic::TopicTemplate};
+
+static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox"));
+static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
+static KAFKA_PROPERTIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static TOPIC_TEMPLATE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"outbox.event.${aggregatetype}"));
+static MAX_EVENT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_EVENT_BYTES);
+
+/// Just under the 1,000,000 bytes that librdkafka's `message.max.bytes` and a
+/// Kafka broker's defaults allow, so that an event we accept is one both
+/// accept (see `validate::RECORD_OVERHEAD`).
+pub const DEFAULT_MAX_EVENT_BYTES: i32 = 999_000;
+
+pub fn init() {
+    // SAFETY: called once from _PG_init; every check hook is a #[pg_guard]
+    // function, so a Rust panic in it becomes a Postgres ERROR.
+    unsafe {
+        GucRegistry::define_string_guc(
+            c"outbox.database",
+            c"Database whose outbox the relay worker publishes.",
+            c"Restart-only: the worker connects to one database for its whole life. outbox_emit() refuses \
+              to run in any other database, because the slot would never see its events.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.slot_name",
+            c"Logical replication slot the relay holds.",
+            c"Restart-only: changing it while the worker streams would abandon the old slot's position.",
+            &SLOT_NAME,
+            GucContext::Postmaster,
+            GucFlags::default(),
+            Some(check_slot_name),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc(
+            c"outbox.kafka_bootstrap_servers",
+            c"Kafka bootstrap servers (librdkafka bootstrap.servers).",
+            c"Reloadable: the worker rebuilds its producer on SIGHUP.",
+            &BOOTSTRAP_SERVERS,
+            GucContext::Sighup,
+            GucFlags::default(),
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.kafka_properties",
+            c"Extra librdkafka properties, key=value pairs separated by ';'.",
+            c"Reloadable. Superuser-only because it holds credentials (sasl.password, ssl.key.password).",
+            &KAFKA_PROPERTIES,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_kafka_properties),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.topic_template",
+            c"Kafka topic of an event without an explicit topic; ${aggregatetype} and ${type} are replaced.",
+            c"Reloadable: read by outbox_emit() for each event. The default matches Debezium's Outbox Event Router.",
+            &TOPIC_TEMPLATE,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_topic_template),
+            None,
+            None,
+        );
+        GucRegistry::define_int_guc(
+            c"outbox.max_event_bytes",
+            c"Largest event accepted, measured as the Kafka record (key, value, headers).",
+            c"Reloadable: checked by outbox_emit() for each event; the producer's message.max.bytes follows it.",
+            &MAX_EVENT_BYTES,
+            1024,
+            100_000_000,
+            GucContext::Sighup,
+            GucFlags::UNIT_BYTE,
+        );
+        // A typo such as outbox.slotname is then an error, not a silent no-op.
+        pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr());
+    }
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn database() -> String {
+    string(&DATABASE)
+}
+
+pub fn slot_name() -> String {
+    string(&SLOT_NAME)
+}
+
+pub fn bootstrap_servers() -> String {
+    string(&BOOTSTRAP_SERVERS)
+}
+
+/// The parsed librdkafka properties; the check hook has already refused any
+/// value that does not parse.
+pub fn kafka_properties() -> Vec<(String, String)> {
+    kafka_props::parse(&string(&KAFKA_PROPERTIES)).unwrap_or_default()
+}
+
+pub fn max_event_bytes() -> usize {
+    MAX_EVENT_BYTES.get().max(0) as usize
+}
+
+/// The parsed topic template, re-parsed only when the setting changed.
+pub fn with_topic_template<R>(f: impl FnOnce(&TopicTemplate) -> R) -> R {
+    thread_local! {
+        static CACHE: std::cell::RefCell<Option<(String, TopicTemplate)>> = const { std::cell::RefCell::new(None) };
+    }
+    static DEFAULT: Lazy<TopicTemplate> = Lazy::new(|| {
+        TopicTemplate::parse(outbox_core::topic::DEFAULT_TEMPLATE).unwrap_or_else(|e| unreachable!("{e}"))
+    });
+    let current = string(&TOPIC_TEMPLATE);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().map(|(s, _)| s != &current).unwrap_or(true) {
+            // The check hook refused unparsable values, so this only falls
+            // back for a value set before the library was loaded.
+            let t = TopicTemplate::parse(&current).unwrap_or_else(|_| DEFAULT.clone());
+            *c = Some((current, t));
+        }
+        f(&c.as_ref().map(|(_, t)| t).unwrap_or(&DEFAULT))
+    })
+}
+
+/// Reports why a value is refused, in the `DETAIL` of Postgres' own
+/// "invalid value for parameter" error.
+unsafe fn check_failed(detail: &str) -> bool {
+    let detail = CString::new(detail.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: GUC_check_errdetail_string is read by the GUC machinery right
+    // after the hook returns; it expects a palloc'd string, which pstrdup
+    // gives in the current memory context, as the C macro does.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE as i32);
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+    }
+    false
+}
+
+unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
+    // SAFETY: the GUC machinery passes a valid pointer to a (possibly NULL)
+    // NUL-terminated string that outlives the hook call.
+    unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return "";
+        }
+        CStr::from_ptr(*newval).to_str().unwrap_or("\u{fffd}")
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_slot_name(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        let v = new_value(newval);
+        match outbox_core::validate::slot_name(v) {
+            Ok(()) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_kafka_properties(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        match kafka_props::parse(new_value(newval)) {
+            Ok(_) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_topic_template(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        match TopicTemplate::parse(new_value(newval)) {
+            Ok(_) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
