@@ -127,6 +127,7 @@ class Postgres:
             "max_wal_senders": "10",
             "max_prepared_transactions": "10",
             "fsync": "on",
+            "track_commit_timestamp": "on",
             "logging_collector": "off",
             "log_min_messages": "warning",
             "outbox.database": f"'{DATABASE}'",
@@ -161,10 +162,16 @@ class Postgres:
     def reload(self) -> None:
         self.pg_ctl("reload")
 
-    def kill_backend(self, pid: int, sig: int = signal.SIGKILL) -> None:
-        """Kills one server process; after SIGKILL the postmaster restarts the
-        whole cluster, as after any backend crash."""
+    def kill_backend(self, pid: int, sig: int = signal.SIGKILL, wait: bool = True) -> None:
+        """Kills one server process. After SIGKILL the postmaster resets the
+        whole cluster, as after any backend crash: with wait, returns once
+        that reset is over and connections are accepted again."""
+        before = self.log_text().count("all server processes terminated; reinitializing")
         os.kill(pid, sig)
+        if sig == signal.SIGKILL and wait:
+            wait_for("the postmaster to reset after the crash",
+                     lambda: self.log_text().count("all server processes terminated; reinitializing") > before, timeout=60)
+            wait_for("the server to accept connections again", lambda: self.connect("postgres").close() or True, timeout=60)
 
     def postmaster_pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split()[0])
@@ -214,8 +221,9 @@ class Broker:
         with open(self.logfile, "ab") as logf:
             self.proc = subprocess.Popen(
                 ["tansu", "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", f"sqlite://{self.dir}/tansu.db"],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                 # tansu resolves the path against its working directory.
+                 "--storage-engine", "sqlite://tansu.db"],
+                cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
         wait_for(f"the broker on port {self.port}", lambda: port_open(self.port) or self._died(), timeout=30)
         if self.proc.poll() is not None:

@@ -84,7 +84,7 @@ BEGIN
     IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' THEN
         RAISE EXCEPTION 'outbox_row_trigger() must be fired AFTER ... FOR EACH ROW, not % ... FOR EACH % (trigger "%" on %.%)',
                 TG_WHEN, TG_LEVEL, TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
-            USING ERRCODE = 'E_R_I_E_TRIGGER_PROTOCOL_VIOLATED',
+            USING ERRCODE = 'trigger_protocol_violated',
                   HINT = 'A BEFORE trigger can publish an event for a row that a later trigger or ON CONFLICT DO NOTHING then skips. Use CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW.';
     END IF;
     IF TG_NARGS < 2 OR TG_NARGS > 5 THEN

@@ -1,0 +1,46 @@
+"""Small helpers shared by the end-to-end tests."""
+
+import json
+import uuid
+from contextlib import contextmanager
+
+import psycopg
+
+
+@contextmanager
+def scratch_slot(conn: psycopg.Connection, plugin: str = "outbox"):
+    """A throwaway logical slot on the outbox plugin (or another one), dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    conn.execute("SELECT pg_create_logical_replication_slot(%s, %s)", (name, plugin))
+    try:
+        yield name
+    finally:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+
+
+def decoded(conn: psycopg.Connection, slot: str) -> list[dict]:
+    """Consumes the slot's JSON output: one dict per outbox event, in commit order."""
+    rows = conn.execute("SELECT lsn::text, xid::text, data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", (slot,)).fetchall()
+    out = []
+    for lsn, xid, data in rows:
+        ev = json.loads(data)
+        ev["_row_lsn"] = lsn
+        ev["_row_xid"] = xid
+        out.append(ev)
+    return out
+
+
+def lsn_int(s: str) -> int:
+    hi, lo = s.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def sqlstate_of(conn: psycopg.Connection, sql: str, params=None) -> psycopg.Error:
+    """Runs sql expecting an error and returns it (the connection stays usable)."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        if not conn.autocommit:
+            conn.rollback()
+        return e
+    raise AssertionError(f"expected an error from: {sql}")
