@@ -107,6 +107,14 @@ fn check_slot() {
             d.invalidated_at,
         )
     };
+    if confirmed == 0 {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("outbox replication slot \"{name}\" is not ready yet"),
+            Some("It is still looking for a consistent starting point; events written before it finds one would be lost.".into()),
+            Some("Retry shortly. Slot creation waits for transactions open at that moment, including prepared ones, to end.".into()),
+        );
+    }
     // SAFETY: MyDatabaseId is a plain global.
     if database != unsafe { pg_sys::MyDatabaseId } || plugin != "outbox" {
         raise(
@@ -122,14 +130,6 @@ fn check_slot() {
             format!("outbox replication slot \"{name}\" has been invalidated"),
             Some("Postgres removed WAL the slot still needed (max_slot_wal_keep_size); events after that point are lost to it.".into()),
             Some(format!("Drop the slot (SELECT pg_drop_replication_slot('{name}')) and let the relay recreate it; see the README's runbook.")),
-        );
-    }
-    if confirmed == 0 {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("outbox replication slot \"{name}\" is not ready yet"),
-            Some("It is still looking for a consistent starting point; events written before it finds one would be lost.".into()),
-            Some("Retry shortly. Slot creation waits for transactions open at that moment, including prepared ones, to end.".into()),
         );
     }
 }
