@@ -21,7 +21,7 @@ def broker():
 
 
 @pytest.fixture(scope="session")
-def pg():
+def pg(broker):
     if not os.environ.get("OUTBOX_SKIP_INSTALL"):
         rig.install_extension()
     p = rig.Postgres()
@@ -34,10 +34,9 @@ def pg():
 
 @pytest.fixture(scope="session")
 def db(pg):
-    """The outbox database with the extension and the relay's slot (created by
-    hand until the relay worker creates it)."""
+    """The outbox database with the extension, once the relay worker has
+    created its slot and is streaming."""
     with pg.connect() as c:
         c.execute("CREATE EXTENSION IF NOT EXISTS outbox")
-        if not c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone():
-            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
+    rig.wait_for_relay(pg)
     return pg

@@ -132,6 +132,7 @@ class Postgres:
             "log_min_messages": "warning",
             "outbox.database": f"'{DATABASE}'",
             "outbox.kafka_bootstrap_servers": f"'{BOOTSTRAP}'",
+            "outbox.topic_partitions": "3",
         }
         if server_has_output_plugin_libraries():
             conf["output_plugin_libraries"] = "'pgoutput, test_decoding, outbox'"
@@ -267,11 +268,11 @@ class Broker:
         if remaining or errors:
             raise RuntimeError(f"produce to {topic} failed: {remaining} undelivered, errors {errors}")
 
-    def consume(self, topic: str, expect: int, timeout: float = 30.0) -> list[dict]:
+    def consume(self, topic: str, expect: int, timeout: float = 30.0, linger: float = 0.0) -> list[dict]:
         """Reads a topic from the beginning until `expect` messages arrived
-        (or the timeout passed) and returns them in partition/offset order per
-        partition, each as a dict with key, value, headers, partition,
-        offset, timestamp."""
+        (or the timeout passed), then `linger` seconds more to catch extras
+        (duplicates), and returns them in arrival order, each as a dict with
+        key, value, headers, partition, offset, timestamp."""
         from confluent_kafka import Consumer, KafkaError
 
         c = Consumer({
@@ -284,7 +285,11 @@ class Broker:
         out: list[dict] = []
         deadline = time.monotonic() + timeout
         try:
-            while len(out) < expect and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                if len(out) >= expect:
+                    deadline = min(deadline, time.monotonic() + linger)
+                    if linger <= 0:
+                        break
                 m = c.poll(0.2)
                 if m is None:
                     continue
@@ -300,6 +305,29 @@ class Broker:
         finally:
             c.close()
         return out
+
+
+def relay_status(pg: "Postgres") -> dict:
+    with pg.connect() as c:
+        cur = c.execute("SELECT * FROM outbox_relay_status()")
+        row = cur.fetchone()
+        return dict(zip([d.name for d in cur.description], row))
+
+
+def wait_for_relay(pg: "Postgres", state: str = "streaming", timeout: float = 60.0) -> dict:
+    """Waits until the relay worker reports `state` (it creates its slot first)."""
+    return wait_for(f"the relay to be {state}", lambda: (s := relay_status(pg))["state"] == state and s, timeout=timeout)
+
+
+def relay_pid(pg: "Postgres") -> int:
+    with pg.connect() as c:
+        return c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox relay'").fetchone()[0]
+
+
+def drain(pg: "Postgres", timeout_ms: int = 60000) -> None:
+    with pg.connect() as c:
+        if not c.execute("SELECT outbox_drain(%s)", (timeout_ms,)).fetchone()[0]:
+            raise TimeoutError(f"outbox_drain timed out; relay status {relay_status(pg)}")
 
 
 def unique_topic(prefix: str = "t") -> str:

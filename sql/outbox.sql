@@ -64,6 +64,12 @@ AS 'MODULE_PATHNAME', 'outbox_emit';
 COMMENT ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) IS
     'Writes an outbox event in the current transaction; it is published to Kafka if and only if the transaction commits';
 
+-- Waits until everything committed up to `upto` (default: now) is
+-- acknowledged by Kafka and confirmed; false on timeout.
+CREATE FUNCTION outbox_drain(timeout_ms integer DEFAULT 30000, upto pg_lsn DEFAULT NULL) RETURNS boolean
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'outbox_drain';
+
 -- A ready row trigger: publishes a table's inserts, updates and deletes.
 --   CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE OR DELETE ON orders
 --   FOR EACH ROW EXECUTE FUNCTION outbox_row_trigger('Order', 'id');
@@ -115,6 +121,7 @@ $$;
 REVOKE ALL ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_table_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_row_trigger() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_drain(integer, pg_lsn) FROM PUBLIC;
 REVOKE ALL ON TABLE outbox FROM PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) TO outbox_producer;

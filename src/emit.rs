@@ -185,6 +185,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
         payload: payload.as_deref().unwrap_or("null"),
     };
     let bytes = message::encode(key, &ev);
+    crate::shmem::wake_at_commit();
     // SAFETY: prefix and message point to live buffers of the given sizes;
     // LogLogicalMessage copies them into WAL. The boundary guard turns a
     // Postgres ERROR inside it into a Rust unwind.
@@ -232,6 +233,7 @@ pub unsafe extern "C-unwind" fn outbox_table_guard(fcinfo: pg_sys::FunctionCallI
         let r = row::read(tuple, desc).unwrap_or_else(|e| {
             raise(PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION, e, None, None)
         });
+        crate::shmem::wake_at_commit();
         check_or_raise(settings::with_topic_template(|t| {
             validate::event(
                 t,

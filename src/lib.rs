@@ -19,9 +19,13 @@ mod emit;
 mod errors;
 mod ffi;
 mod key;
+mod ops;
 mod plugin;
+mod publisher;
 mod row;
 mod settings;
+mod shmem;
+mod worker;
 
 pgrx::pg_module_magic!();
 
@@ -38,6 +42,11 @@ pub extern "C-unwind" fn _PG_init() {
             // to start rather than run a server whose outbox silently fails.
             FATAL!("outbox: {e}");
         }
+        shmem::init();
+        worker::register();
+    } else {
+        // Without preloading there is no relay: outbox_emit() says so.
+        log!("outbox: loaded without shared_preload_libraries; the relay worker does not run");
     }
 }
 

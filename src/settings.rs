@@ -94,6 +94,7 @@ pub fn init() {
             GucContext::Sighup,
             GucFlags::UNIT_BYTE,
         );
+        init_relay();
         // A typo such as outbox.slotname is then an error, not a silent no-op.
         pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr());
     }
@@ -215,4 +216,101 @@ unsafe extern "C-unwind" fn check_topic_template(
             Err(e) => check_failed(&e),
         }
     }
+}
+
+static TOPIC_CREATION: GucSetting<bool> = GucSetting::<bool>::new(true);
+static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(1);
+static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
+static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
+static DELETE_PUBLISHED_ROWS: GucSetting<bool> = GucSetting::<bool>::new(true);
+static RELAY_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// The relay's settings, defined after the core ones in `init`.
+pub fn init_relay() {
+    GucRegistry::define_bool_guc(
+        c"outbox.relay_enabled",
+        c"Whether the relay worker publishes; off leaves the slot alone (events wait in WAL).",
+        c"Reloadable: switching it off stops publishing and releases the slot; on resumes from the confirmed position.",
+        &RELAY_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"outbox.topic_creation",
+        c"Whether the relay creates a missing topic before its first event.",
+        c"Reloadable. Off: the relay stops on an event for a missing topic and names it, like Debezium without topic.creation.",
+        &TOPIC_CREATION,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.topic_partitions",
+        c"Partitions of topics the relay creates.",
+        c"Reloadable; applies to topics created afterwards.",
+        &TOPIC_PARTITIONS,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.topic_replication_factor",
+        c"Replication factor of topics the relay creates.",
+        c"Reloadable; applies to topics created afterwards.",
+        &TOPIC_REPLICATION_FACTOR,
+        1,
+        32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.linger_ms",
+        c"librdkafka linger.ms of the relay's producer: how long it waits to batch.",
+        c"Reloadable: the worker restarts its producer. Caps the latency the producer adds.",
+        &LINGER_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"outbox.delete_published_rows",
+        c"Whether the relay deletes outbox table rows once Kafka acknowledged them.",
+        c"Reloadable. On (default) keeps the table small; off leaves rows for your own retention job.",
+        &DELETE_PUBLISHED_ROWS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+pub fn relay_enabled() -> bool {
+    RELAY_ENABLED.get()
+}
+
+pub fn topic_creation() -> bool {
+    TOPIC_CREATION.get()
+}
+pub fn topic_partitions() -> i32 {
+    TOPIC_PARTITIONS.get()
+}
+pub fn topic_replication_factor() -> i32 {
+    TOPIC_REPLICATION_FACTOR.get()
+}
+pub fn linger_ms() -> u32 {
+    LINGER_MS.get().max(0) as u32
+}
+pub fn delete_published_rows() -> bool {
+    DELETE_PUBLISHED_ROWS.get()
+}
+
+/// The settings the producer is built from: a change on reload means the
+/// worker must rebuild it.
+pub fn producer_fingerprint() -> String {
+    format!(
+        "{}\u{1}{}\u{1}{}\u{1}{}",
+        bootstrap_servers(),
+        string(&KAFKA_PROPERTIES),
+        max_event_bytes(),
+        linger_ms()
+    )
 }

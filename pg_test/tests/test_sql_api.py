@@ -74,29 +74,28 @@ def test_other_database_is_refused(db):
         assert e.sqlstate == "55000"
 
 
-def test_missing_slot_is_refused_with_the_fix(db):
-    with db.connect() as c:
-        c.execute("SELECT pg_drop_replication_slot('outbox')")
-        try:
+def test_missing_or_foreign_slot_is_refused_with_the_fix():
+    """A second cluster whose relay is switched off, so the test owns the slot."""
+    other = rig.Postgres(run_dir=rig.RUN / "no_relay", port=rig.PG_PORT + 2)
+    other.init({"outbox.relay_enabled": "off"})
+    other.start()
+    try:
+        other.create_database()
+        with other.connect() as c:
+            c.execute("CREATE EXTENSION outbox")
             e = sqlstate_of(c, EMIT, args())
             assert e.sqlstate == "55000" and 'slot "outbox" does not exist' in str(e)
             assert "pg_create_logical_replication_slot('outbox', 'outbox')" in e.diag.message_hint
             e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
             assert 'slot "outbox" does not exist' in str(e)
-        finally:
-            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
-
-
-def test_slot_of_another_plugin_is_refused(db):
-    with db.connect() as c:
-        c.execute("SELECT pg_drop_replication_slot('outbox')")
-        c.execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
-        try:
+            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
             e = sqlstate_of(c, EMIT, args())
             assert "is not an outbox slot of this database" in str(e)
-        finally:
             c.execute("SELECT pg_drop_replication_slot('outbox')")
             c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
+            assert c.execute(EMIT, args()).fetchone()[0]
+    finally:
+        other.stop(mode="immediate", check=False)
 
 
 BAD_ROWS = [

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod confirm;
 pub mod decoded;
 pub mod kafka_props;
 pub mod lsn;

@@ -1,0 +1,111 @@
+//! SQL functions for operators: waiting until everything committed is
+//! published (`outbox_drain`).
+
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::errors::raise;
+use crate::shmem;
+
+/// `outbox_drain(timeout_ms integer DEFAULT 30000, upto pg_lsn DEFAULT NULL) RETURNS boolean`
+///
+/// Waits until every transaction committed before `upto` (default: the
+/// current WAL flush position, which covers everything this session has
+/// committed) is acknowledged by Kafka and confirmed to the slot. Returns
+/// false on timeout. For tests, switchovers and upgrades.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: arguments as declared in sql/outbox.sql (integer, pg_lsn);
+    // pg_lsn is a by-value 64-bit datum.
+    let (timeout_ms, upto) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 0).unwrap_or(30_000),
+            pgrx::fcinfo::pg_getarg_datum(fcinfo, 1).map(|d| d.value() as u64),
+        )
+    };
+    let Some(shared) = shmem::shared() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the outbox relay is not running",
+            None,
+            Some("Add outbox to shared_preload_libraries and restart the server.".into()),
+        );
+    };
+    // SAFETY: GetFlushRecPtr only reads shared state.
+    let target = upto.unwrap_or_else(|| unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64);
+    loop {
+        if shared.confirmed() >= target {
+            return pg_sys::Datum::from(true);
+        }
+        if Instant::now() >= deadline {
+            return pg_sys::Datum::from(false);
+        }
+        shared.wake_worker();
+        // SAFETY: waits on this backend's own latch; interrupts (cancel,
+        // statement_timeout) are served right after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                5,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn pg_finfo_outbox_drain() -> &'static pg_sys::Pg_finfo_record {
+    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `outbox_relay_status()`: the worker's shared-memory status, read without
+/// locks. (The operations view builds on it.)
+#[pg_extern(volatile, parallel_safe)]
+fn outbox_relay_status() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(state, String),
+        name!(confirmed_lsn, String),
+        name!(events_published, i64),
+        name!(events_in_flight, i64),
+        name!(oldest_unacked_commit_age_ms, Option<i64>),
+        name!(worker_starts, i64),
+        name!(peak_rss_kb, i64),
+        name!(broker_reachable, bool),
+    ),
+> {
+    let Some(shared) = shmem::shared() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the outbox relay is not running",
+            None,
+            Some("Add outbox to shared_preload_libraries and restart the server.".into()),
+        );
+    };
+    let s = shared.snapshot();
+    let age = (s.oldest_unacked_commit_time != 0).then(|| {
+        // SAFETY: GetCurrentTimestamp only reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        (now - s.oldest_unacked_commit_time) / 1000
+    });
+    TableIterator::once((
+        (s.pid != 0).then_some(s.pid),
+        s.state.name().to_owned(),
+        outbox_core::lsn::format(s.confirmed_lsn),
+        s.events_published as i64,
+        s.in_flight as i64,
+        age,
+        s.starts as i64,
+        s.peak_rss_kb as i64,
+        s.broker_up,
+    ))
+}

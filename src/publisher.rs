@@ -1,0 +1,239 @@
+//! The Kafka side of the relay: an rdkafka `BaseProducer` polled on the
+//! worker's own thread, so delivery reports (and librdkafka's errors) are
+//! handled there and never call Postgres from another thread.
+//!
+//! Settings that guarantee delivery and order are ours, not the user's:
+//! idempotence, `acks=all`, and `message.timeout.ms=0` (a message never
+//! expires: an expired message re-sent later would break per-key order).
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::Message;
+
+use outbox_core::confirm::TxnSeq;
+use outbox_core::{format_uuid, time};
+
+/// Properties the relay sets itself and refuses to let a user override.
+pub const FIXED: [(&str, &str); 4] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("message.timeout.ms", "0"),
+    ("partitioner", "murmur2_random"),
+];
+
+/// One delivery report, as the worker needs it.
+pub struct Report {
+    pub seq: TxnSeq,
+    /// Kafka's reason, the topic and the event id, when delivery failed.
+    pub error: Option<Rejected>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    pub reason: String,
+    pub topic: String,
+    pub event_id: String,
+}
+
+pub struct Ctx {
+    reports: Mutex<Vec<Report>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, r: &DeliveryResult<'_>, seq: usize) {
+        let error = match r {
+            Ok(_) => None,
+            Err((e, msg)) => Some(Rejected {
+                reason: e.to_string(),
+                topic: msg.topic().to_owned(),
+                event_id: header_value(msg, "id"),
+            }),
+        };
+        if let Ok(mut v) = self.reports.lock() {
+            v.push(Report { seq: seq as TxnSeq, error });
+        }
+    }
+}
+
+fn header_value<M: Message>(msg: &M, name: &str) -> String {
+    use rdkafka::message::Headers;
+    msg.headers()
+        .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
+        .unwrap_or_default()
+}
+
+pub struct TopicCreation {
+    pub enabled: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+}
+
+pub struct Publisher {
+    producer: BaseProducer<Ctx>,
+    config: ClientConfig,
+    known_topics: HashSet<String>,
+    creation: TopicCreation,
+}
+
+/// What `send` reports back.
+pub enum SendError {
+    /// The event can never be produced as it is (too large, bad topic...).
+    Rejected(Rejected),
+}
+
+impl Publisher {
+    pub fn new(
+        bootstrap: &str,
+        user: &[(String, String)],
+        max_event_bytes: usize,
+        linger_ms: u32,
+        creation: TopicCreation,
+    ) -> Result<(Self, Vec<String>), KafkaError> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap)
+            .set("linger.ms", linger_ms.to_string())
+            .set("message.max.bytes", (max_event_bytes + 1024).max(1_000_000).to_string())
+            .set("client.id", "outbox-relay");
+        let mut ignored = Vec::new();
+        for (k, v) in user {
+            if FIXED.iter().any(|(f, _)| f == k) {
+                ignored.push(k.clone());
+            } else {
+                config.set(k, v);
+            }
+        }
+        for (k, v) in FIXED {
+            config.set(k, v);
+        }
+        let producer = with_signals_blocked(|| {
+            config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx { reports: Mutex::new(Vec::new()) })
+        })?;
+        Ok((Publisher { producer, config, known_topics: HashSet::new(), creation }, ignored))
+    }
+
+    /// Makes sure `topic` exists, creating it when creation is on. Returns
+    /// a reason when it does not and cannot be created.
+    pub fn ensure_topic(&mut self, topic: &str) -> Result<(), String> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        let md = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| format!("could not read metadata of topic \"{topic}\": {e}"))?;
+        let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            if !self.creation.enabled {
+                return Err(format!(
+                    "topic \"{topic}\" does not exist and outbox.topic_creation is off"
+                ));
+            }
+            self.create_topic(topic)?;
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    fn create_topic(&self, topic: &str) -> Result<(), String> {
+        let admin: AdminClient<DefaultClientContext> =
+            with_signals_blocked(|| self.config.create()).map_err(|e| format!("admin client: {e}"))?;
+        let new = NewTopic::new(topic, self.creation.partitions, TopicReplication::Fixed(self.creation.replication_factor));
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        let res = futures_executor::block_on(admin.create_topics([&new], &opts)).map_err(|e| format!("create topic \"{topic}\": {e}"))?;
+        for r in res {
+            match r {
+                Ok(_) => {}
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) => return Err(format!("create topic \"{t}\": {code}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands one event to the producer. A full local queue is waited out by
+    /// polling (through `wait`, which also serves delivery reports and
+    /// interrupts); anything else is a rejection of this event.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &self,
+        seq: TxnSeq,
+        topic: &str,
+        key: &str,
+        payload: &str,
+        id: &[u8; 16],
+        event_type: &str,
+        aggregate_type: &str,
+        headers: &[(&str, &str)],
+        commit_time_pg: i64,
+        mut wait: impl FnMut(&Self),
+    ) -> Result<(), SendError> {
+        let id_text = format_uuid(id);
+        let mut h = OwnedHeaders::new_with_capacity(3 + headers.len())
+            .insert(Header { key: "id", value: Some(id_text.as_bytes()) })
+            .insert(Header { key: "type", value: Some(event_type.as_bytes()) })
+            .insert(Header { key: "aggregatetype", value: Some(aggregate_type.as_bytes()) });
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut record = BaseRecord::with_opaque_to(topic, seq as usize)
+            .key(key)
+            .payload(payload)
+            .headers(h)
+            .timestamp(time::pg_to_unix_millis(commit_time_pg));
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    wait(self);
+                }
+                Err((e, _)) => {
+                    return Err(SendError::Rejected(Rejected {
+                        reason: e.to_string(),
+                        topic: topic.to_owned(),
+                        event_id: id_text,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// Serves delivery reports (waiting up to `timeout` for one) and
+    /// returns them.
+    pub fn poll(&self, timeout: Duration) -> Vec<Report> {
+        self.producer.poll(timeout);
+        self.producer.context().reports.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+    }
+
+}
+
+/// librdkafka starts threads that inherit the creating thread's signal
+/// mask; Postgres' signals must only ever be delivered to the worker's own
+/// thread, so they are blocked while clients are created.
+fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: sigfillset/pthread_sigmask on locally owned sigset_t values;
+    // the old mask is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}

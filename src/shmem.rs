@@ -1,0 +1,214 @@
+//! The relay's shared-memory status, and the wake-up at commit.
+//!
+//! Written by the worker, read by any backend without locks: every field is
+//! an atomic, so reading the status never blocks the worker.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::PgAtomic;
+
+/// The worker's states, defined once; the log says when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum State {
+    NotRunning = 0,
+    Starting = 1,
+    Streaming = 2,
+    WaitingForBroker = 3,
+    /// An event Kafka rejects for a reason retrying cannot fix; waits for
+    /// SIGHUP (after the cause is fixed) with its position held.
+    StoppedOnBadEvent = 4,
+    /// `outbox.relay_enabled = off`.
+    Disabled = 5,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::NotRunning => "not running",
+            State::Starting => "starting",
+            State::Streaming => "streaming",
+            State::WaitingForBroker => "waiting for broker",
+            State::StoppedOnBadEvent => "stopped on bad event",
+            State::Disabled => "disabled",
+        }
+    }
+
+    fn from_u32(v: u32) -> State {
+        match v {
+            1 => State::Starting,
+            2 => State::Streaming,
+            3 => State::WaitingForBroker,
+            4 => State::StoppedOnBadEvent,
+            5 => State::Disabled,
+            _ => State::NotRunning,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Shared {
+    /// `pgprocno` of the worker + 1 (0: no worker), for setting its latch.
+    worker_procno: AtomicI32,
+    worker_pid: AtomicI32,
+    state: AtomicU32,
+    /// Position confirmed to the slot: everything committed before it is acknowledged by Kafka.
+    confirmed_lsn: AtomicU64,
+    events_published: AtomicU64,
+    in_flight: AtomicU64,
+    /// Commit time (µs since 2000) of the oldest unacknowledged commit, 0 if none.
+    oldest_unacked_commit_time: AtomicI64,
+    restarts: AtomicU64,
+    peak_rss_kb: AtomicU64,
+    broker_up: AtomicBool,
+}
+
+// SAFETY: Shared holds only atomics, valid at any address in shared memory
+// and in any process that maps it.
+unsafe impl PGRXSharedMemory for Shared {}
+
+// SAFETY: the name is unique to this extension.
+pub static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"outbox_relay_status") };
+
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// Called from `_PG_init` while preloading.
+pub fn init() {
+    pgrx::pg_shmem_init!(SHARED);
+    READY.store(true, Ordering::Relaxed);
+}
+
+pub fn shared() -> Option<&'static Shared> {
+    READY.load(Ordering::Relaxed).then(|| SHARED.get())
+}
+
+impl Shared {
+    pub fn attach_worker(&self) {
+        // SAFETY: MyProc and MyProcPid are set for any process attached to shared memory.
+        unsafe {
+            self.worker_pid.store(pg_sys::MyProcPid, Ordering::Relaxed);
+            self.worker_procno.store((*pg_sys::MyProc).pgprocno + 1, Ordering::Release);
+        }
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn detach_worker(&self) {
+        self.worker_procno.store(0, Ordering::Release);
+        self.worker_pid.store(0, Ordering::Relaxed);
+        self.set_state(State::NotRunning);
+    }
+
+    /// Sets the state; returns the previous one.
+    pub fn set_state(&self, s: State) -> State {
+        State::from_u32(self.state.swap(s as u32, Ordering::Relaxed))
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u32(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_confirmed(&self, lsn: u64) {
+        self.confirmed_lsn.store(lsn, Ordering::Release);
+    }
+
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed_lsn.load(Ordering::Acquire)
+    }
+
+    pub fn add_published(&self, n: u64) {
+        self.events_published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_in_flight(&self, n: u64, oldest_commit_time: i64) {
+        self.in_flight.store(n, Ordering::Relaxed);
+        self.oldest_unacked_commit_time.store(oldest_commit_time, Ordering::Relaxed);
+    }
+
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn note_rss(&self, kb: u64) {
+        self.peak_rss_kb.fetch_max(kb, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            pid: self.worker_pid.load(Ordering::Relaxed),
+            state: self.state(),
+            confirmed_lsn: self.confirmed(),
+            events_published: self.events_published.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            oldest_unacked_commit_time: self.oldest_unacked_commit_time.load(Ordering::Relaxed),
+            starts: self.restarts.load(Ordering::Relaxed),
+            peak_rss_kb: self.peak_rss_kb.load(Ordering::Relaxed),
+            broker_up: self.broker_up.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Wakes the worker (sets its latch), if there is one.
+    pub fn wake_worker(&self) {
+        let procno = self.worker_procno.load(Ordering::Acquire);
+        if procno > 0 {
+            // SAFETY: allProcs has an entry for every pgprocno; setting any
+            // process's latch is safe, at worst a spurious wake-up.
+            unsafe {
+                let proc_ = (*pg_sys::ProcGlobal).allProcs.add((procno - 1) as usize);
+                pg_sys::SetLatch(&mut (*proc_).procLatch);
+            }
+        }
+    }
+}
+
+pub struct Snapshot {
+    pub pid: i32,
+    pub state: State,
+    pub confirmed_lsn: u64,
+    pub events_published: u64,
+    pub in_flight: u64,
+    pub oldest_unacked_commit_time: i64,
+    pub starts: u64,
+    pub peak_rss_kb: u64,
+    pub broker_up: bool,
+}
+
+thread_local! {
+    static CALLBACK_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WAKE_AT_COMMIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this transaction's COMMIT wake the worker, so its events are
+/// published within milliseconds instead of at the next idle timeout.
+pub fn wake_at_commit() {
+    if shared().is_none() {
+        return;
+    }
+    WAKE_AT_COMMIT.with(|w| w.set(true));
+    CALLBACK_REGISTERED.with(|r| {
+        if !r.get() {
+            // SAFETY: registers a plain function for the backend's life.
+            unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+            r.set(true);
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            if WAKE_AT_COMMIT.with(|w| w.replace(false)) {
+                if let Some(s) = shared() {
+                    s.wake_worker();
+                }
+            }
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => WAKE_AT_COMMIT.with(|w| w.set(false)),
+        _ => {}
+    }
+}

@@ -1,0 +1,585 @@
+//! The relay: a background worker that holds the outbox slot, decodes its
+//! own logical decoding stream in-process (one decoding context for its
+//! whole life, as walsender does) and publishes every committed event to
+//! Kafka, confirming the slot only behind Kafka's acknowledgements.
+//!
+//! ```text
+//!  starting ──► streaming ◄──► waiting for broker        (acks stop for a while)
+//!                   │
+//!                   └──► stopped on bad event ──SIGHUP──► exit(1) → restarted, resumes
+//!  any other failure: exit(1); the postmaster restarts the worker after 1 s and it
+//!  resumes from the slot's confirmed position (re-sending what was unconfirmed).
+//! ```
+//!
+//! Each turn of the loop: read WAL up to the flush position and decode it
+//! (the output plugin's records are produced to Kafka as they come out of
+//! the decoder, so a large transaction is never held in memory); serve
+//! delivery reports; delete acknowledged outbox-table rows (SQL cannot run
+//! inside decoding callbacks, so this is its own step); confirm the slot up
+//! to the contiguous acknowledged prefix; wait on the latch, which COMMIT
+//! sets in any backend that wrote an event.
+
+use std::collections::VecDeque;
+use std::ffi::{CStr, CString};
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use outbox_core::confirm::Tracker;
+use outbox_core::decoded;
+use outbox_core::lsn;
+
+use crate::ffi;
+use crate::publisher::{Publisher, Rejected, SendError, TopicCreation};
+use crate::settings;
+use crate::shmem::{self, Shared, State};
+
+/// Safety-net wake-up when nothing sets the latch: bounds the latency of
+/// COMMIT PREPARED (committed by a backend that wrote no event) and keeps
+/// the slot advancing on a database with no outbox traffic.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// While events are in flight, delivery reports are polled this often.
+const BUSY_WAIT: Duration = Duration::from_millis(1);
+/// How often a moved confirmed position is written to disk (each save is an
+/// fsync). A server crash re-sends at most what committed in this window.
+const SAVE_INTERVAL: Duration = Duration::from_millis(1000);
+/// No acknowledgement for this long with events in flight: the broker is
+/// considered unreachable (reported, never acted on: librdkafka retries forever).
+const BROKER_SILENCE: Duration = Duration::from_secs(3);
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("outbox relay")
+        .set_type("outbox relay")
+        .set_library("outbox")
+        .set_function("outbox_relay_main")
+        .enable_spi_access()
+        .set_start_time(BgWorkerStartTime::RecoveryFinished)
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    if let Some(s) = shmem::shared() {
+        s.detach_worker();
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: installs Postgres' own SIGTERM handler (see ffi::c_die) and an
+    // exit callback; both are plain function pointers valid for the process.
+    unsafe {
+        pg_sys::pqsignal(libc::SIGTERM, Some(ffi::c_die));
+        pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
+    }
+    let Some(shared) = shmem::shared() else {
+        error!("outbox relay: shared memory is not initialised (outbox must be in shared_preload_libraries)");
+    };
+    shared.attach_worker();
+    set_state(shared, State::Starting, None);
+    let database = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    wait_until_enabled(shared);
+    let slot = settings::slot_name();
+    ensure_slot(&slot);
+    let mut relay = Relay::start(shared, &slot);
+    relay.run();
+}
+
+/// With `outbox.relay_enabled = off` the worker stays up but touches
+/// nothing (the slot is free for maintenance) until a reload turns it on.
+fn wait_until_enabled(shared: &Shared) {
+    while !settings::relay_enabled() {
+        set_state(shared, State::Disabled, Some("outbox.relay_enabled = off"));
+        // SAFETY: waits on our own latch, which SIGHUP and SIGTERM set.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                1000,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            pg_sys::check_for_interrupts!();
+            if pg_sys::ConfigReloadPending != 0 {
+                pg_sys::ConfigReloadPending = 0;
+                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+            }
+        }
+    }
+}
+
+fn set_state(shared: &Shared, s: State, detail: Option<&str>) {
+    let prev = shared.set_state(s);
+    if prev != s {
+        match detail {
+            Some(d) => log!("outbox relay: {} ({d})", s.name()),
+            None => log!("outbox relay: {}", s.name()),
+        }
+    }
+}
+
+/// Creates the slot with this library as its plugin if it is missing. A slot
+/// cannot be created in a transaction that has an xid, so through a
+/// read-only SELECT in a transaction of its own.
+fn ensure_slot(slot: &str) {
+    // Slot names are validated by the setting's check hook: lower-case
+    // letters, digits and underscores only, so inlining is safe.
+    let sql = format!(
+        "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}') THEN false
+                     ELSE (SELECT true FROM pg_catalog.pg_create_logical_replication_slot('{slot}', 'outbox')) END"
+    );
+    let created = BackgroundWorker::transaction(|| {
+        Spi::connect(|c| c.select(&sql, Some(1), &[])?.first().get_one::<bool>())
+    });
+    match created {
+        Ok(Some(true)) => log!("outbox relay: created logical replication slot \"{slot}\" (plugin outbox)"),
+        Ok(_) => {}
+        Err(e) => error!("outbox relay: could not create slot \"{slot}\": {e}"),
+    }
+}
+
+/// Everything the decoding callbacks need; reached through the context's
+/// `output_writer_private`.
+struct Sink {
+    publisher: Publisher,
+    tracker: Tracker,
+    shared: &'static Shared,
+    /// The first event Kafka rejected; nothing after it is produced.
+    stopped: Option<(Rejected, u64)>,
+    /// Outbox-table rows published, to delete once acknowledged: (commit LSN, id).
+    table_rows: VecDeque<(u64, [u8; 16])>,
+    /// Commit times of transactions in flight, oldest first: (commit LSN, time).
+    commit_times: VecDeque<(u64, i64)>,
+    last_ack: Instant,
+    published: u64,
+}
+
+impl Sink {
+    fn apply_reports(&mut self, wait: Duration) {
+        let reports = self.publisher.poll(wait);
+        for r in reports {
+            match r.error {
+                None => {
+                    self.tracker.acked(r.seq);
+                    self.published += 1;
+                    self.last_ack = Instant::now();
+                }
+                Some(rej) => {
+                    let lsn = self.tracker.commit_lsn_of(r.seq).unwrap_or(0);
+                    self.stop(rej, lsn);
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self, rej: Rejected, commit_lsn: u64) {
+        if self.stopped.is_none() {
+            warning!(
+                "outbox relay: Kafka rejected event {} (transaction committed at {}) for topic \"{}\": {}",
+                rej.event_id,
+                lsn::format(commit_lsn),
+                rej.topic,
+                rej.reason
+            );
+            set_state(
+                self.shared,
+                State::StoppedOnBadEvent,
+                Some("the slot's position is held; fix the cause, then reload the configuration (SIGHUP) to resume"),
+            );
+            self.stopped = Some((rej, commit_lsn));
+        }
+    }
+
+    /// One record from the output plugin: produce it.
+    fn handle(&mut self, bytes: &[u8]) {
+        if self.stopped.is_some() {
+            // Not produced: the slot is not confirmed past the rejected event,
+            // so this one is decoded and sent again after the restart.
+            return;
+        }
+        let d = match decoded::decode_binary(bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                warning!("outbox relay: skipping an output record it cannot read: {e}");
+                return;
+            }
+        };
+        let ev = &d.event;
+        let topic = match settings::with_topic_template(|t| {
+            outbox_core::topic::route(t, ev.topic, ev.aggregate_type, ev.event_type)
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                let rej = Rejected {
+                    reason: e.message,
+                    topic: String::new(),
+                    event_id: outbox_core::format_uuid(&ev.id),
+                };
+                self.stop(rej, d.commit_lsn);
+                return;
+            }
+        };
+        if let Err(reason) = self.publisher.ensure_topic(&topic) {
+            let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id) };
+            self.stop(rej, d.commit_lsn);
+            return;
+        }
+        if self.tracker.in_flight() == 0 {
+            // Broker silence is measured from the first event in flight.
+            self.last_ack = Instant::now();
+        }
+        let seq = self.tracker.sent(d.commit_lsn);
+        if self.commit_times.back().map(|(l, _)| *l) != Some(d.commit_lsn) {
+            self.commit_times.push_back((d.commit_lsn, d.commit_time));
+        }
+        if d.source == decoded::Source::Table {
+            self.table_rows.push_back((d.commit_lsn, ev.id));
+        }
+        let Sink { publisher, tracker, published, last_ack, .. } = self;
+        let mut pending_errors = Vec::new();
+        let res = publisher.send(
+            seq,
+            &topic,
+            ev.aggregate_id,
+            ev.payload,
+            &ev.id,
+            ev.event_type,
+            ev.aggregate_type,
+            &ev.headers,
+            d.commit_time,
+            |p| {
+                // The local queue is full: serve delivery reports until
+                // there is room, staying responsive to SIGTERM.
+                for r in p.poll(Duration::from_millis(100)) {
+                    match r.error {
+                        None => {
+                            tracker.acked(r.seq);
+                            *published += 1;
+                            *last_ack = Instant::now();
+                        }
+                        Some(rej) => pending_errors.push((rej, tracker.commit_lsn_of(r.seq).unwrap_or(0))),
+                    }
+                }
+                pg_sys::check_for_interrupts!();
+            },
+        );
+        for (rej, l) in pending_errors {
+            self.stop(rej, l);
+        }
+        if let Err(SendError::Rejected(rej)) = res {
+            self.stop(rej, d.commit_lsn);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn prepare_write(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _lsn: pg_sys::XLogRecPtr,
+    _xid: pg_sys::TransactionId,
+    _last_write: bool,
+) {
+    // SAFETY: ctx->out is the context's output buffer.
+    unsafe { pg_sys::resetStringInfo((*ctx).out) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn do_write(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _lsn: pg_sys::XLogRecPtr,
+    _xid: pg_sys::TransactionId,
+    _last_write: bool,
+) {
+    // SAFETY: output_writer_private is the Sink set in Relay::start, alive
+    // as long as the context; ctx->out holds `len` bytes the plugin wrote.
+    unsafe {
+        let sink = &mut *((*ctx).output_writer_private as *mut Sink);
+        let out = (*ctx).out;
+        let bytes = std::slice::from_raw_parts((*out).data as *const u8, (*out).len as usize);
+        sink.handle(bytes);
+    }
+}
+
+struct Relay {
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    sink: Box<Sink>,
+    shared: &'static Shared,
+    fingerprint: String,
+    confirmed: u64,
+    saved: u64,
+    last_save: Instant,
+    last_rss: Instant,
+    extension_schema: Option<String>,
+}
+
+fn build_publisher() -> Publisher {
+    let props = settings::kafka_properties();
+    let creation = TopicCreation {
+        enabled: settings::topic_creation(),
+        partitions: settings::topic_partitions(),
+        replication_factor: settings::topic_replication_factor(),
+    };
+    match Publisher::new(
+        &settings::bootstrap_servers(),
+        &props,
+        settings::max_event_bytes(),
+        settings::linger_ms(),
+        creation,
+    ) {
+        Ok((p, ignored)) => {
+            for k in ignored {
+                warning!("outbox relay: ignoring \"{k}\" in outbox.kafka_properties: the relay sets it to keep its delivery guarantees");
+            }
+            p
+        }
+        Err(e) => error!("outbox relay: could not create the Kafka producer: {e}"),
+    }
+}
+
+impl Relay {
+    fn start(shared: &'static Shared, slot: &str) -> Relay {
+        let sink = Box::new(Sink {
+            publisher: build_publisher(),
+            tracker: Tracker::new(),
+            shared,
+            stopped: None,
+            table_rows: VecDeque::new(),
+            commit_times: VecDeque::new(),
+            last_ack: Instant::now(),
+            published: 0,
+        });
+        let cslot = CString::new(slot).unwrap_or_default();
+        // SAFETY: the decoding context is created once, outside a
+        // transaction, in TopMemoryContext so it lives as long as the
+        // worker; the slot is acquired first (nowait: another holder is an
+        // error, and the postmaster restarts us). The reader routine is
+        // copied by XLogReaderAllocate.
+        let ctx = unsafe {
+            pg_sys::ReplicationSlotAcquire(cslot.as_ptr(), true);
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let opt = pg_sys::makeDefElem(
+                pg_sys::pstrdup(c"format".as_ptr()),
+                pg_sys::makeString(pg_sys::pstrdup(c"binary".as_ptr())).cast(),
+                -1,
+            );
+            let options = pg_sys::lappend(std::ptr::null_mut(), opt.cast());
+            let mut routine = pg_sys::XLogReaderRoutine {
+                page_read: Some(ffi::c_read_local_xlog_page),
+                segment_open: Some(ffi::c_wal_segment_open),
+                segment_close: Some(ffi::c_wal_segment_close),
+            };
+            let ctx = pg_sys::CreateDecodingContext(
+                0,
+                options,
+                false,
+                &mut routine,
+                Some(prepare_write),
+                Some(do_write),
+                None,
+            );
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::XLogBeginRead((*ctx).reader, (*pg_sys::MyReplicationSlot).data.restart_lsn);
+            ctx
+        };
+        // SAFETY: MyReplicationSlot is ours now.
+        let confirmed = unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush };
+        shared.set_confirmed(confirmed);
+        let mut relay = Relay {
+            ctx,
+            sink,
+            shared,
+            fingerprint: settings::producer_fingerprint(),
+            confirmed,
+            saved: confirmed,
+            last_save: Instant::now(),
+            last_rss: Instant::now() - Duration::from_secs(10),
+            extension_schema: None,
+        };
+        // SAFETY: the Box's heap address is stable while the relay lives.
+        unsafe { (*ctx).output_writer_private = (&mut *relay.sink as *mut Sink).cast() };
+        log!(
+            "outbox relay: streaming slot \"{slot}\" from {} to {}",
+            lsn::format(confirmed),
+            settings::bootstrap_servers()
+        );
+        set_state(shared, State::Streaming, None);
+        relay
+    }
+
+    fn run(&mut self) -> ! {
+        loop {
+            pg_sys::check_for_interrupts!();
+            self.reload_if_asked();
+            self.sink.apply_reports(Duration::ZERO);
+            if self.sink.stopped.is_none() {
+                self.decode_pass();
+            }
+            self.sink.apply_reports(Duration::ZERO);
+            self.settle();
+            let wait = if self.sink.tracker.in_flight() > 0 { BUSY_WAIT } else { IDLE_WAIT };
+            // SAFETY: waits on our own latch; WL_EXIT_ON_PM_DEATH exits if
+            // the postmaster dies.
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    wait.as_millis() as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+        }
+    }
+
+    fn reload_if_asked(&mut self) {
+        // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler.
+        if unsafe { pg_sys::ConfigReloadPending } == 0 {
+            return;
+        }
+        // SAFETY: as in every Postgres main loop.
+        unsafe {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        }
+        let fp = settings::producer_fingerprint();
+        if self.sink.stopped.is_some() || fp != self.fingerprint || !settings::relay_enabled() {
+            // Resuming and rebuilding the producer both mean re-reading from
+            // the confirmed position with a fresh decoding context: exiting
+            // does exactly that (the postmaster restarts us). Only what was
+            // not yet confirmed is sent again.
+            log!("outbox relay: configuration reloaded; restarting to resume from {}", lsn::format(self.confirmed));
+            // SAFETY: proc_exit(1) asks the postmaster for a restart.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    }
+
+    /// Reads and decodes WAL up to the current flush position.
+    fn decode_pass(&mut self) {
+        // SAFETY: the reader belongs to our decoding context; records are
+        // read sequentially with the same reader (no second XLogBeginRead),
+        // each handed to the decoder, which calls our write callbacks.
+        unsafe {
+            let reader = (*self.ctx).reader;
+            let flush = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
+            let mut n = 0u32;
+            while (*reader).EndRecPtr < flush && self.sink.stopped.is_none() {
+                let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+                let rec = pg_sys::XLogReadRecord(reader, &mut err);
+                if !err.is_null() {
+                    error!(
+                        "outbox relay: could not read WAL at {}: {}",
+                        lsn::format((*reader).EndRecPtr),
+                        CStr::from_ptr(err).to_string_lossy()
+                    );
+                }
+                if rec.is_null() {
+                    break;
+                }
+                pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::LogicalDecodingProcessRecord(self.ctx, reader));
+                self.sink.tracker.seal();
+                n += 1;
+                if n % 256 == 0 {
+                    self.sink.apply_reports(Duration::ZERO);
+                    pg_sys::check_for_interrupts!();
+                }
+            }
+        }
+    }
+
+    /// The step outside decoding: delete acknowledged table rows, then
+    /// confirm, then publish the status.
+    fn settle(&mut self) {
+        // SAFETY: reading our own reader's position.
+        let read_upto = unsafe { (*(*self.ctx).reader).EndRecPtr };
+        let confirmable = self.sink.tracker.confirmable(read_upto);
+        self.delete_published_rows(confirmable);
+        if confirmable > self.confirmed {
+            // SAFETY: we hold the slot (MyReplicationSlot).
+            unsafe { pg_sys::LogicalConfirmReceivedLocation(confirmable) };
+            self.confirmed = confirmable;
+            self.shared.set_confirmed(confirmable);
+        }
+        if self.confirmed > self.saved && self.last_save.elapsed() >= SAVE_INTERVAL {
+            // PG15 writes the slot file only when restart_lsn or xmin move;
+            // save the confirmed position ourselves so a server crash
+            // re-sends at most SAVE_INTERVAL's worth.
+            // SAFETY: we hold the slot.
+            unsafe {
+                pg_sys::ReplicationSlotMarkDirty();
+                pg_sys::ReplicationSlotSave();
+            }
+            self.saved = self.confirmed;
+            self.last_save = Instant::now();
+        }
+        while self.sink.commit_times.front().map_or(false, |(l, _)| *l <= confirmable) {
+            self.sink.commit_times.pop_front();
+        }
+        let in_flight = self.sink.tracker.in_flight();
+        let oldest = self.sink.commit_times.front().map_or(0, |(_, t)| *t);
+        self.shared.set_in_flight(in_flight, oldest);
+        self.shared.add_published(std::mem::take(&mut self.sink.published));
+        if self.sink.stopped.is_none() {
+            let silent = in_flight > 0 && self.sink.last_ack.elapsed() >= BROKER_SILENCE;
+            self.shared.set_broker_up(!silent);
+            if silent {
+                set_state(self.shared, State::WaitingForBroker, Some("no acknowledgement from Kafka; retrying, nothing is skipped"));
+            } else if in_flight == 0 || self.sink.last_ack.elapsed() < BROKER_SILENCE {
+                set_state(self.shared, State::Streaming, None);
+            }
+        }
+        if self.last_rss.elapsed() >= Duration::from_secs(1) {
+            self.last_rss = Instant::now();
+            if let Some(kb) = rss_kb() {
+                self.shared.note_rss(kb);
+            }
+        }
+    }
+
+    fn delete_published_rows(&mut self, confirmable: u64) {
+        let mut ids = Vec::new();
+        while self.sink.table_rows.front().map_or(false, |(l, _)| *l <= confirmable) {
+            if let Some((_, id)) = self.sink.table_rows.pop_front() {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() || !settings::delete_published_rows() {
+            return;
+        }
+        if self.extension_schema.is_none() {
+            self.extension_schema = BackgroundWorker::transaction(|| {
+                Spi::connect(|c| {
+                    c.select(
+                        "SELECT quote_ident(n.nspname)::text FROM pg_catalog.pg_extension e
+                           JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'outbox'",
+                        Some(1),
+                        &[],
+                    )?
+                    .first()
+                    .get_one::<String>()
+                })
+            })
+            .ok()
+            .flatten();
+        }
+        let Some(schema) = self.extension_schema.clone() else { return };
+        for chunk in ids.chunks(1000) {
+            let list: Vec<String> = chunk.iter().map(|id| format!("'{}'", outbox_core::format_uuid(id))).collect();
+            let sql = format!("DELETE FROM {schema}.outbox WHERE id IN ({})", list.join(","));
+            BackgroundWorker::transaction(|| Spi::run(&sql)).unwrap_or_else(|e| {
+                error!("outbox relay: could not delete published outbox rows: {e}")
+            });
+        }
+    }
+}
+
+fn rss_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
