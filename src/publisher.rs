@@ -41,6 +41,12 @@ pub struct Rejected {
     pub reason: String,
     pub topic: String,
     pub event_id: String,
+    /// Retrying cannot fix it (see `outbox_core::kafka_errors`).
+    pub permanent: bool,
+}
+
+fn permanent(e: &KafkaError) -> bool {
+    e.rdkafka_error_code().map_or(false, |c| outbox_core::kafka_errors::is_permanent(c as i32))
 }
 
 pub struct Ctx {
@@ -59,6 +65,7 @@ impl ProducerContext for Ctx {
                 reason: e.to_string(),
                 topic: msg.topic().to_owned(),
                 event_id: header_value(msg, "id"),
+                permanent: permanent(e),
             }),
         };
         if let Ok(mut v) = self.reports.lock() {
@@ -72,6 +79,11 @@ fn header_value<M: Message>(msg: &M, name: &str) -> String {
     msg.headers()
         .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
         .unwrap_or_default()
+}
+
+pub enum TopicError {
+    Unreachable(String),
+    Missing(String),
 }
 
 pub struct TopicCreation {
@@ -125,24 +137,48 @@ impl Publisher {
     }
 
     /// Makes sure `topic` exists, creating it when creation is on. Returns
-    /// a reason when it does not and cannot be created.
-    pub fn ensure_topic(&mut self, topic: &str) -> Result<(), String> {
+    /// the reason when it does not: `TopicError::Unreachable` is worth
+    /// retrying, `TopicError::Missing` is not until an operator acts.
+    pub fn ensure_topic(&mut self, topic: &str) -> Result<(), TopicError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
         let md = self
             .producer
             .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(|e| format!("could not read metadata of topic \"{topic}\": {e}"))?;
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .map_err(|e| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}")))?;
         let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if !exists {
             if !self.creation.enabled {
-                return Err(format!(
+                return Err(TopicError::Missing(format!(
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
-                ));
+                )));
             }
-            self.create_topic(topic)?;
+            self.create_topic(topic).map_err(TopicError::Missing)?;
+            // Produce only once the broker serves the new topic's metadata
+            // with leaders: a young broker may fail a produce that races
+            // the creation.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                let ready = self
+                    .producer
+                    .client()
+                    .fetch_metadata(Some(topic), Duration::from_secs(2))
+                    .map(|md| {
+                        md.topics().iter().any(|t| {
+                            t.name() == topic
+                                && t.error().is_none()
+                                && !t.partitions().is_empty()
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        })
+                    })
+                    .unwrap_or(false);
+                if ready {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         self.known_topics.insert(topic.to_owned());
         Ok(())
@@ -205,6 +241,7 @@ impl Publisher {
                     return Err(SendError::Rejected(Rejected {
                         reason: e.to_string(),
                         topic: topic.to_owned(),
+                        permanent: permanent(&e),
                         event_id: id_text,
                     }))
                 }

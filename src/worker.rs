@@ -32,7 +32,7 @@ use outbox_core::decoded;
 use outbox_core::lsn;
 
 use crate::ffi;
-use crate::publisher::{Publisher, Rejected, SendError, TopicCreation};
+use crate::publisher::{Publisher, Rejected, SendError, TopicCreation, TopicError};
 use crate::settings;
 use crate::shmem::{self, Shared, State};
 
@@ -48,6 +48,9 @@ const SAVE_INTERVAL: Duration = Duration::from_millis(1000);
 /// No acknowledgement for this long with events in flight: the broker is
 /// considered unreachable (reported, never acted on: librdkafka retries forever).
 const BROKER_SILENCE: Duration = Duration::from_secs(3);
+/// After a transient delivery failure, how long in-flight events may take to
+/// settle before the stream restarts anyway.
+const RESTART_DRAIN: Duration = Duration::from_secs(10);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("outbox relay")
@@ -158,6 +161,12 @@ struct Sink {
     commit_times: VecDeque<(u64, i64)>,
     last_ack: Instant,
     published: u64,
+    /// After a transient delivery failure: when to restart the stream at the
+    /// latest (earlier once nothing is in flight).
+    restart_at: Option<Instant>,
+    /// Events whose delivery failed: no longer in flight, never acknowledged
+    /// (so the slot is never confirmed past them).
+    failed: u64,
 }
 
 impl Sink {
@@ -172,6 +181,7 @@ impl Sink {
                 }
                 Some(rej) => {
                     let lsn = self.tracker.commit_lsn_of(r.seq).unwrap_or(0);
+                    self.failed += 1;
                     self.stop(rej, lsn);
                 }
             }
@@ -179,6 +189,20 @@ impl Sink {
     }
 
     fn stop(&mut self, rej: Rejected, commit_lsn: u64) {
+        if self.stopped.is_none() && !rej.permanent {
+            warning!(
+                "outbox relay: Kafka failed to deliver event {} (transaction committed at {}) to topic \"{}\": {}; \
+                 restarting the stream from the confirmed position {} (events after it are sent again, none skipped)",
+                rej.event_id,
+                lsn::format(commit_lsn),
+                rej.topic,
+                rej.reason,
+                lsn::format(self.shared.confirmed())
+            );
+            self.restart_at = Some(Instant::now() + RESTART_DRAIN);
+            self.stopped = Some((rej, commit_lsn));
+            return;
+        }
         if self.stopped.is_none() {
             warning!(
                 "outbox relay: Kafka rejected event {} (transaction committed at {}) for topic \"{}\": {}",
@@ -220,15 +244,28 @@ impl Sink {
                     reason: e.message,
                     topic: String::new(),
                     event_id: outbox_core::format_uuid(&ev.id),
+                    permanent: true,
                 };
                 self.stop(rej, d.commit_lsn);
                 return;
             }
         };
-        if let Err(reason) = self.publisher.ensure_topic(&topic) {
-            let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id) };
-            self.stop(rej, d.commit_lsn);
-            return;
+        loop {
+            match self.publisher.ensure_topic(&topic) {
+                Ok(()) => break,
+                Err(TopicError::Missing(reason)) => {
+                    let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id), permanent: true };
+                    self.stop(rej, d.commit_lsn);
+                    return;
+                }
+                Err(TopicError::Unreachable(reason)) => {
+                    // The broker cannot be asked: wait and ask again, never skip.
+                    self.shared.set_broker_up(false);
+                    set_state(self.shared, State::WaitingForBroker, Some(&reason));
+                    self.apply_reports(Duration::from_millis(500));
+                    pg_sys::check_for_interrupts!();
+                }
+            }
         }
         if self.tracker.in_flight() == 0 {
             // Broker silence is measured from the first event in flight.
@@ -241,7 +278,7 @@ impl Sink {
         if d.source == decoded::Source::Table {
             self.table_rows.push_back((d.commit_lsn, ev.id));
         }
-        let Sink { publisher, tracker, published, last_ack, .. } = self;
+        let Sink { publisher, tracker, published, last_ack, failed, .. } = self;
         let mut pending_errors = Vec::new();
         let res = publisher.send(
             seq,
@@ -263,7 +300,10 @@ impl Sink {
                             *published += 1;
                             *last_ack = Instant::now();
                         }
-                        Some(rej) => pending_errors.push((rej, tracker.commit_lsn_of(r.seq).unwrap_or(0))),
+                        Some(rej) => {
+                            *failed += 1;
+                            pending_errors.push((rej, tracker.commit_lsn_of(r.seq).unwrap_or(0)))
+                        }
                     }
                 }
                 pg_sys::check_for_interrupts!();
@@ -353,6 +393,8 @@ impl Relay {
             commit_times: VecDeque::new(),
             last_ack: Instant::now(),
             published: 0,
+            restart_at: None,
+            failed: 0,
         });
         let cslot = CString::new(slot).unwrap_or_default();
         // SAFETY: the decoding context is created once, outside a
@@ -422,6 +464,13 @@ impl Relay {
             }
             self.sink.apply_reports(Duration::ZERO);
             self.settle();
+            if let Some(at) = self.sink.restart_at {
+                if self.sink.tracker.in_flight() <= self.sink.failed || Instant::now() >= at {
+                    log!("outbox relay: restarting the stream from {}", lsn::format(self.confirmed));
+                    // SAFETY: proc_exit(1) asks the postmaster for a restart.
+                    unsafe { pg_sys::proc_exit(1) };
+                }
+            }
             let wait = if self.sink.tracker.in_flight() > 0 { BUSY_WAIT } else { IDLE_WAIT };
             // SAFETY: waits on our own latch; WL_EXIT_ON_PM_DEATH exits if
             // the postmaster dies.

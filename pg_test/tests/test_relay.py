@@ -2,11 +2,10 @@
 committed, in per-aggregate order, with nothing for rolled-back work."""
 
 import json
-import threading
 import time
 
 import rig
-from helpers import sqlstate_of  # noqa: F401
+from load import Load, compare
 
 
 def emit(conn, topic, agg, typ="Placed", payload=None, headers="{}"):
@@ -24,7 +23,7 @@ def test_event_reaches_kafka_with_key_headers_and_commit_timestamp(db, broker):
         xid = c.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
         c.commit()
         commit_ms = c.execute(
-            "SELECT (extract(epoch FROM pg_xact_commit_timestamp(%s::xid)) * 1000)::bigint", (xid,)
+            "SELECT floor(extract(epoch FROM pg_xact_commit_timestamp(%s::xid)) * 1000)::bigint", (xid,)
         ).fetchone()[0]
     rig.drain(db)
     got = broker.consume(topic, expect=1)
@@ -54,76 +53,14 @@ def test_default_topic_template_and_table_rows(db, broker):
         assert c.execute("SELECT count(*) FROM outbox WHERE aggregatetype = %s", (agg,)).fetchone()[0] == 0
 
 
-def run_load(db, topic, clients, per_client, aggs_per_client, stop=None, rollback_every=7):
-    """Concurrent producers. Client i owns aggregates a{i}-{k} and numbers
-    its events per aggregate, so the committed order per aggregate is known.
-    Returns {event id: (aggregate, seq)} of committed events."""
-    committed: dict[str, tuple[str, int]] = {}
-    lock = threading.Lock()
-    errors = []
-
-    def client(i):
-        try:
-            seq = {}
-            conn = db.connect(autocommit=False)
-            n = 0
-            while n < per_client and not (stop and stop.is_set()):
-                agg = f"a{i}-{n % aggs_per_client}"
-                s = seq.get(agg, 0)
-                eid = emit(conn, topic, agg, payload={"seq": s, "agg": agg})
-                if n % rollback_every == rollback_every - 1:
-                    conn.rollback()
-                else:
-                    conn.execute("SAVEPOINT sp")
-                    emit(conn, topic, agg, "Ghost", {"ghost": True})
-                    conn.execute("ROLLBACK TO SAVEPOINT sp")
-                    conn.commit()
-                    seq[agg] = s + 1
-                    with lock:
-                        committed[str(eid)] = (agg, s)
-                n += 1
-            conn.close()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    ts = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    if errors:
-        raise errors[0]
-    return committed
-
-
-def compare(committed, got):
-    """0 lost; no event that was not committed; per-aggregate order of first
-    occurrences; returns the number of duplicates."""
-    ids = [m["headers"]["id"] for m in got]
-    assert all(m["headers"]["type"] != "Ghost" for m in got), "a rolled-back savepoint was published"
-    unknown = set(ids) - set(committed)
-    assert not unknown, f"{len(unknown)} published events were never committed"
-    missing = set(committed) - set(ids)
-    assert not missing, f"{len(missing)} committed events lost"
-    seen = set()
-    per_agg: dict[str, list[int]] = {}
-    for m in sorted(got, key=lambda m: (m["partition"], m["offset"])):
-        i = m["headers"]["id"]
-        if i in seen:
-            continue
-        seen.add(i)
-        agg, s = committed[i]
-        assert m["key"].decode() == agg
-        per_agg.setdefault(agg, []).append(s)
-    for agg, seqs in per_agg.items():
-        assert seqs == sorted(seqs), f"aggregate {agg} out of order: {seqs}"
-    return len(ids) - len(set(ids))
-
-
 def test_concurrent_producers_exactly_once_in_per_aggregate_order(db, broker):
     topic = rig.unique_topic("load")
-    committed = run_load(db, topic, clients=4, per_client=300, aggs_per_client=5)
+    with Load(db, topic, clients=4, aggs_per_client=5, pause=0) as load:
+        load.wait_for(1000)
     rig.drain(db)
-    got = broker.consume(topic, expect=len(committed), timeout=30, linger=1.0)
-    dups = compare(committed, got)
+    got = broker.consume(topic, expect=len(load.committed), timeout=30, linger=1.0)
+    assert not load.uncertain
+    dups = compare(load, got)
     assert dups == 0, "no fault, so no duplicate"
     assert len({m["partition"] for m in got}) > 1, "spread over the topic's partitions"
 

@@ -1,0 +1,44 @@
+//! Which Kafka errors retrying cannot fix.
+//!
+//! librdkafka retries retriable errors itself, forever with
+//! `message.timeout.ms=0`, so an error that reaches a delivery report is one
+//! it gave up on. Some of those are about the event (too large, a topic name
+//! the broker refuses, no authorization): the relay stops on the event and
+//! names it. The rest are about the broker having a bad moment (it answered
+//! "unknown server error", a request failed mid-way): the relay restarts its
+//! stream from the confirmed position, which re-sends, never skips.
+
+/// librdkafka/Kafka error codes (`rd_kafka_resp_err_t`) that no retry fixes.
+const PERMANENT: &[i32] = &[
+    4,    // INVALID_MSG_SIZE
+    10,   // MSG_SIZE_TOO_LARGE (broker, and librdkafka's own check)
+    17,   // TOPIC_EXCEPTION: invalid topic name
+    29,   // TOPIC_AUTHORIZATION_FAILED
+    31,   // CLUSTER_AUTHORIZATION_FAILED
+    44,   // POLICY_VIOLATION
+    87,   // INVALID_RECORD
+    3,    // UNKNOWN_TOPIC_OR_PART: the topic does not exist (creation off)
+    -188, // _UNKNOWN_TOPIC (local)
+    -190, // _UNKNOWN_PARTITION (local)
+    -186, // _INVALID_ARG (local)
+];
+
+pub fn is_permanent(code: i32) -> bool {
+    PERMANENT.contains(&code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    #[test]
+    fn classification() {
+        assert!(is_permanent(10), "too large");
+        assert!(is_permanent(-188), "unknown topic");
+        assert!(is_permanent(29), "not authorized");
+        assert!(!is_permanent(-1), "unknown server error: the broker's bad moment");
+        assert!(!is_permanent(-195), "transport failure");
+        assert!(!is_permanent(7), "request timed out");
+        assert!(!is_permanent(6), "not leader");
+    }
+}
