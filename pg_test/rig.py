@@ -133,6 +133,9 @@ class Postgres:
             "outbox.database": f"'{DATABASE}'",
             "outbox.kafka_bootstrap_servers": f"'{BOOTSTRAP}'",
             "outbox.topic_partitions": "3",
+            # Small, so large transactions exercise the reorder buffer's
+            # spill to disk, and the worker's memory bound is visible.
+            "logical_decoding_work_mem": "'8MB'",
         }
         if server_has_output_plugin_libraries():
             conf["output_plugin_libraries"] = "'pgoutput, test_decoding, outbox'"
@@ -268,6 +271,21 @@ class Broker:
         if remaining or errors:
             raise RuntimeError(f"produce to {topic} failed: {remaining} undelivered, errors {errors}")
 
+    def topic_counts(self, topic: str) -> int:
+        """Records in a topic: the sum over partitions of high - low watermark."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"rig-{uuid.uuid4()}"})
+        try:
+            md = c.list_topics(topic, timeout=10)
+            total = 0
+            for p in md.topics[topic].partitions:
+                lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                total += hi - lo
+            return total
+        finally:
+            c.close()
+
     def consume(self, topic: str, expect: int, timeout: float = 30.0, linger: float = 0.0) -> list[dict]:
         """Reads a topic from the beginning until `expect` messages arrived
         (or the timeout passed), then `linger` seconds more to catch extras
@@ -319,9 +337,10 @@ def wait_for_relay(pg: "Postgres", state: str = "streaming", timeout: float = 60
     return wait_for(f"the relay to be {state}", lambda: (s := relay_status(pg))["state"] == state and s, timeout=timeout)
 
 
-def relay_pid(pg: "Postgres") -> int:
+def relay_pid(pg: "Postgres") -> int | None:
     with pg.connect() as c:
-        return c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox relay'").fetchone()[0]
+        row = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'outbox relay'").fetchone()
+        return row[0] if row else None
 
 
 def drain(pg: "Postgres", timeout_ms: int = 60000) -> None:

@@ -96,7 +96,6 @@ pub struct Publisher {
     producer: BaseProducer<Ctx>,
     config: ClientConfig,
     known_topics: HashSet<String>,
-    creation: TopicCreation,
 }
 
 /// What `send` reports back.
@@ -111,14 +110,18 @@ impl Publisher {
         user: &[(String, String)],
         max_event_bytes: usize,
         linger_ms: u32,
-        creation: TopicCreation,
     ) -> Result<(Self, Vec<String>), KafkaError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", bootstrap)
             .set("linger.ms", linger_ms.to_string())
             .set("message.max.bytes", (max_event_bytes + 1024).max(1_000_000).to_string())
-            .set("client.id", "outbox-relay");
+            .set("client.id", "outbox-relay")
+            // The local queue bounds the worker's memory during a large
+            // transaction (a full queue is waited out, never an error); 32 MiB
+            // keeps the broker busy without holding a transaction in memory.
+            .set("queue.buffering.max.kbytes", "32768")
+            .set("queue.buffering.max.messages", "20000");
         let mut ignored = Vec::new();
         for (k, v) in user {
             if FIXED.iter().any(|(f, _)| f == k) {
@@ -133,13 +136,13 @@ impl Publisher {
         let producer = with_signals_blocked(|| {
             config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx { reports: Mutex::new(Vec::new()) })
         })?;
-        Ok((Publisher { producer, config, known_topics: HashSet::new(), creation }, ignored))
+        Ok((Publisher { producer, config, known_topics: HashSet::new() }, ignored))
     }
 
     /// Makes sure `topic` exists, creating it when creation is on. Returns
     /// the reason when it does not: `TopicError::Unreachable` is worth
     /// retrying, `TopicError::Missing` is not until an operator acts.
-    pub fn ensure_topic(&mut self, topic: &str) -> Result<(), TopicError> {
+    pub fn ensure_topic(&mut self, topic: &str, creation: &TopicCreation) -> Result<(), TopicError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
@@ -150,12 +153,12 @@ impl Publisher {
             .map_err(|e| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}")))?;
         let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if !exists {
-            if !self.creation.enabled {
+            if !creation.enabled {
                 return Err(TopicError::Missing(format!(
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
                 )));
             }
-            self.create_topic(topic).map_err(TopicError::Missing)?;
+            self.create_topic(topic, creation).map_err(TopicError::Missing)?;
             // Produce only once the broker serves the new topic's metadata
             // with leaders: a young broker may fail a produce that races
             // the creation.
@@ -184,10 +187,10 @@ impl Publisher {
         Ok(())
     }
 
-    fn create_topic(&self, topic: &str) -> Result<(), String> {
+    fn create_topic(&self, topic: &str, creation: &TopicCreation) -> Result<(), String> {
         let admin: AdminClient<DefaultClientContext> =
             with_signals_blocked(|| self.config.create()).map_err(|e| format!("admin client: {e}"))?;
-        let new = NewTopic::new(topic, self.creation.partitions, TopicReplication::Fixed(self.creation.replication_factor));
+        let new = NewTopic::new(topic, creation.partitions, TopicReplication::Fixed(creation.replication_factor));
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let res = futures_executor::block_on(admin.create_topics([&new], &opts)).map_err(|e| format!("create topic \"{topic}\": {e}"))?;
         for r in res {

@@ -235,6 +235,20 @@ impl Sink {
             }
         };
         let ev = &d.event;
+        // Registered before anything can fail: an event that is never
+        // acknowledged holds the confirmed position before its transaction,
+        // whatever stops it (a bad topic, a rejection, a crash).
+        if self.tracker.in_flight() == 0 {
+            // Broker silence is measured from the first event in flight.
+            self.last_ack = Instant::now();
+        }
+        let seq = self.tracker.sent(d.commit_lsn);
+        if self.commit_times.back().map(|(l, _)| *l) != Some(d.commit_lsn) {
+            self.commit_times.push_back((d.commit_lsn, d.commit_time));
+        }
+        if d.source == decoded::Source::Table {
+            self.table_rows.push_back((d.commit_lsn, ev.id));
+        }
         let topic = match settings::with_topic_template(|t| {
             outbox_core::topic::route(t, ev.topic, ev.aggregate_type, ev.event_type)
         }) {
@@ -251,7 +265,13 @@ impl Sink {
             }
         };
         loop {
-            match self.publisher.ensure_topic(&topic) {
+            // Read per topic, so a reload applies without a restart.
+            let creation = TopicCreation {
+                enabled: settings::topic_creation(),
+                partitions: settings::topic_partitions(),
+                replication_factor: settings::topic_replication_factor(),
+            };
+            match self.publisher.ensure_topic(&topic, &creation) {
                 Ok(()) => break,
                 Err(TopicError::Missing(reason)) => {
                     let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id), permanent: true };
@@ -266,17 +286,6 @@ impl Sink {
                     pg_sys::check_for_interrupts!();
                 }
             }
-        }
-        if self.tracker.in_flight() == 0 {
-            // Broker silence is measured from the first event in flight.
-            self.last_ack = Instant::now();
-        }
-        let seq = self.tracker.sent(d.commit_lsn);
-        if self.commit_times.back().map(|(l, _)| *l) != Some(d.commit_lsn) {
-            self.commit_times.push_back((d.commit_lsn, d.commit_time));
-        }
-        if d.source == decoded::Source::Table {
-            self.table_rows.push_back((d.commit_lsn, ev.id));
         }
         let Sink { publisher, tracker, published, last_ack, failed, .. } = self;
         let mut pending_errors = Vec::new();
@@ -360,18 +369,7 @@ struct Relay {
 
 fn build_publisher() -> Publisher {
     let props = settings::kafka_properties();
-    let creation = TopicCreation {
-        enabled: settings::topic_creation(),
-        partitions: settings::topic_partitions(),
-        replication_factor: settings::topic_replication_factor(),
-    };
-    match Publisher::new(
-        &settings::bootstrap_servers(),
-        &props,
-        settings::max_event_bytes(),
-        settings::linger_ms(),
-        creation,
-    ) {
+    match Publisher::new(&settings::bootstrap_servers(), &props, settings::max_event_bytes(), settings::linger_ms()) {
         Ok((p, ignored)) => {
             for k in ignored {
                 warning!("outbox relay: ignoring \"{k}\" in outbox.kafka_properties: the relay sets it to keep its delivery guarantees");
