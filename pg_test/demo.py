@@ -16,14 +16,13 @@ def main() -> int:
     pg.init()
     pg.start()
     pg.create_database()
-    rig.log(f"PostgreSQL on 127.0.0.1:{pg.port} (database {rig.DATABASE}), broker on {broker.bootstrap}")
+    rig.log(f"PostgreSQL on 127.0.0.1:{pg.port} (database {rig.DATABASE}), Kafka-protocol broker on {broker.bootstrap}")
     try:
         with pg.connect() as c:
             c.execute("CREATE EXTENSION outbox")
             c.execute("CREATE TABLE orders (id bigint PRIMARY KEY, total int)")
-            # The relay worker will own this slot; until it does, the demo
-            # reads the output plugin's stream through it directly.
-            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
+        status = rig.wait_for_relay(pg)
+        rig.log(f"outbox relay running inside the server (pid {status['pid']}, {status['state']}); no relay process")
         app = pg.connect(autocommit=False)
         print("\nBEGIN;\n  INSERT INTO orders VALUES (42, 4200);\n"
               "  SELECT outbox_emit('Order', '42', 'OrderPlaced', '{\"total\": 4200}');\nCOMMIT;")
@@ -36,18 +35,23 @@ def main() -> int:
         app.execute("SELECT outbox_emit('Order', '43', 'OrderPlaced', '{\"total\": 99}')")
         app.rollback()
         app.close()
-        with pg.connect() as c:
-            rows = c.execute("SELECT data FROM pg_logical_slot_peek_changes('outbox', NULL, NULL)").fetchall()
-        print(f"\nThe outbox stream holds {len(rows)} event(s) (the rolled-back one is not there):")
-        for (data,) in rows:
-            print(json.dumps(json.loads(data), indent=2))
-        if len(rows) != 1:
-            print("unexpected number of events", file=sys.stderr)
-            return 1
-        return 0
+        rig.drain(pg)
+        got = broker.consume("outbox.event.Order", expect=1, timeout=15, linger=1.0)
+        print(f"\nConsumed from Kafka topic outbox.event.Order: {len(got)} message(s) (the rolled-back one is not there)")
+        for m in got:
+            print(json.dumps({
+                "topic": "outbox.event.Order",
+                "partition": m["partition"],
+                "offset": m["offset"],
+                "key": m["key"].decode(),
+                "headers": m["headers"],
+                "timestamp_ms": m["timestamp"],
+                "value": json.loads(m["value"]),
+            }, indent=2))
+        return 0 if len(got) == 1 else 1
     finally:
         if keep:
-            rig.log("--keep: server and broker left running; stop with pg_ctl and kill tansu")
+            rig.log("--keep: server and broker left running")
         else:
             pg.stop(check=False)
             broker.stop()

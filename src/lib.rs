@@ -196,6 +196,8 @@ pub mod pg_test {
             "max_replication_slots = 10",
             "max_wal_senders = 10",
             "outbox.database = 'pgrx_tests'",
+            // The tests own the slot; the relay is tested end to end in pg_test/.
+            "outbox.relay_enabled = off",
         ];
         if server_has_output_plugin_libraries() {
             conf.push("output_plugin_libraries = 'pgoutput, test_decoding, outbox'");
