@@ -109,3 +109,29 @@ fn outbox_relay_status() -> TableIterator<
         s.broker_up,
     ))
 }
+
+/// `outbox_relay_latency()`: commit-to-acknowledgement latency percentiles
+/// since the last reset, in microseconds (within 12.5 %).
+#[pg_extern(volatile, parallel_safe)]
+fn outbox_relay_latency() -> TableIterator<
+    'static,
+    (
+        name!(samples, i64),
+        name!(p50_us, Option<i64>),
+        name!(p95_us, Option<i64>),
+        name!(p99_us, Option<i64>),
+        name!(max_us, Option<i64>),
+    ),
+> {
+    let counts = shmem::shared().map(|s| s.latency_counts()).unwrap_or_default();
+    let q = |p: f64| outbox_core::histogram::quantile(&counts, p).map(|v| v as i64);
+    TableIterator::once((counts.iter().sum::<u64>() as i64, q(0.5), q(0.95), q(0.99), q(1.0)))
+}
+
+/// `outbox_relay_latency_reset()`: starts a new latency measurement.
+#[pg_extern(volatile, parallel_safe)]
+fn outbox_relay_latency_reset() {
+    if let Some(s) = shmem::shared() {
+        s.reset_latency();
+    }
+}

@@ -10,6 +10,8 @@ use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 use pgrx::PgAtomic;
 
+use outbox_core::histogram;
+
 /// The worker's states, defined once; the log says when it changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -49,7 +51,6 @@ impl State {
     }
 }
 
-#[derive(Default)]
 pub struct Shared {
     /// `pgprocno` of the worker + 1 (0: no worker), for setting its latch.
     worker_procno: AtomicI32,
@@ -64,6 +65,26 @@ pub struct Shared {
     restarts: AtomicU64,
     peak_rss_kb: AtomicU64,
     broker_up: AtomicBool,
+    /// Commit-to-acknowledgement latency, µs (outbox_core::histogram buckets).
+    latency: [AtomicU64; histogram::BUCKETS],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            worker_procno: AtomicI32::new(0),
+            worker_pid: AtomicI32::new(0),
+            state: AtomicU32::new(0),
+            confirmed_lsn: AtomicU64::new(0),
+            events_published: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            oldest_unacked_commit_time: AtomicI64::new(0),
+            restarts: AtomicU64::new(0),
+            peak_rss_kb: AtomicU64::new(0),
+            broker_up: AtomicBool::new(false),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 // SAFETY: Shared holds only atomics, valid at any address in shared memory
@@ -129,6 +150,20 @@ impl Shared {
 
     pub fn set_broker_up(&self, up: bool) {
         self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn record_latency(&self, us: u64) {
+        self.latency[histogram::bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn latency_counts(&self) -> Vec<u64> {
+        self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    }
+
+    pub fn reset_latency(&self) {
+        for c in &self.latency {
+            c.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn note_rss(&self, kb: u64) {

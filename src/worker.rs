@@ -175,7 +175,8 @@ impl Sink {
         for r in reports {
             match r.error {
                 None => {
-                    self.tracker.acked(r.seq);
+                    let commit_time = self.tracker.acked(r.seq);
+                    note_latency(self.shared, commit_time);
                     self.published += 1;
                     self.last_ack = Instant::now();
                 }
@@ -242,7 +243,7 @@ impl Sink {
             // Broker silence is measured from the first event in flight.
             self.last_ack = Instant::now();
         }
-        let seq = self.tracker.sent(d.commit_lsn);
+        let seq = self.tracker.sent_at(d.commit_lsn, d.commit_time);
         if self.commit_times.back().map(|(l, _)| *l) != Some(d.commit_lsn) {
             self.commit_times.push_back((d.commit_lsn, d.commit_time));
         }
@@ -287,7 +288,8 @@ impl Sink {
                 }
             }
         }
-        let Sink { publisher, tracker, published, last_ack, failed, .. } = self;
+        let Sink { publisher, tracker, published, last_ack, failed, shared, .. } = self;
+        let shared: &Shared = shared;
         let mut pending_errors = Vec::new();
         let res = publisher.send(
             seq,
@@ -305,7 +307,7 @@ impl Sink {
                 for r in p.poll(Duration::from_millis(100)) {
                     match r.error {
                         None => {
-                            tracker.acked(r.seq);
+                            note_latency(shared, tracker.acked(r.seq));
                             *published += 1;
                             *last_ack = Instant::now();
                         }
@@ -324,6 +326,16 @@ impl Sink {
         if let Err(SendError::Rejected(rej)) = res {
             self.stop(rej, d.commit_lsn);
         }
+    }
+}
+
+/// Commit-to-acknowledgement latency: the delivery report's arrival minus
+/// the transaction's commit time, both from this server's clock.
+fn note_latency(shared: &Shared, commit_time: Option<i64>) {
+    if let Some(t) = commit_time.filter(|t| *t != 0) {
+        // SAFETY: GetCurrentTimestamp only reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        shared.record_latency((now - t).max(0) as u64);
     }
 }
 

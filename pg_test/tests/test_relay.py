@@ -2,7 +2,6 @@
 committed, in per-aggregate order, with nothing for rolled-back work."""
 
 import json
-import time
 
 import rig
 from load import Load, compare
@@ -79,19 +78,19 @@ def test_prepared_transaction_published_once_at_commit_prepared(db, broker):
     assert [m["headers"]["id"] for m in got] == [str(eid)]
 
 
-def test_commit_wakes_the_relay(db, broker):
-    """Latency sanity: well under the 100 ms idle timeout on average (not a
-    benchmark; the benchmark command measures percentiles)."""
+def test_sequential_round_trips_through_drain(db, broker):
+    """Each commit is published and confirmed before the next: drain returns
+    once the worker (woken at COMMIT) has Kafka's acknowledgement. Latency is
+    measured by the benchmark command, never asserted here."""
     topic = rig.unique_topic("wake")
     with db.connect() as c:
-        emit(c, topic, "warm")
-    rig.drain(db)
-    start = time.monotonic()
-    with db.connect() as c:
+        c.execute("SELECT outbox_relay_latency_reset()")
         for i in range(20):
             emit(c, topic, f"k{i}")
-            assert c.execute("SELECT outbox_drain(10000)").fetchone()[0]
-    assert len(broker.consume(topic, expect=21)) == 21
-    # Each round trip includes a Kafka acknowledgement; 20 rounds at the idle
-    # timeout alone would take 2 s.
-    assert time.monotonic() - start < 20
+            assert c.execute("SELECT outbox_drain(30000)").fetchone()[0]
+        samples = c.execute("SELECT samples FROM outbox_relay_latency()").fetchone()[0]
+    assert samples >= 20
+    got = broker.consume(topic, expect=20, timeout=30, linger=0.5)
+    assert [m["key"] for m in got if m["partition"] == got[0]["partition"]] == sorted(
+        [m["key"] for m in got if m["partition"] == got[0]["partition"]], key=lambda k: int(k[1:]))
+    assert len(got) == 20

@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 #[derive(Debug)]
 struct Txn {
     commit_lsn: u64,
+    commit_time: i64,
     outstanding: u64,
     sealed: bool,
 }
@@ -45,11 +46,16 @@ impl Tracker {
     /// handed to the producer; returns the handle its acknowledgement must
     /// carry. Events arrive in commit order.
     pub fn sent(&mut self, commit_lsn: u64) -> TxnSeq {
+        self.sent_at(commit_lsn, 0)
+    }
+
+    /// [`Tracker::sent`], remembering the transaction's commit time.
+    pub fn sent_at(&mut self, commit_lsn: u64, commit_time: i64) -> TxnSeq {
         match self.txns.back_mut() {
             Some(t) if t.commit_lsn == commit_lsn && !t.sealed => t.outstanding += 1,
             _ => {
                 debug_assert!(self.txns.back().map_or(true, |t| t.commit_lsn < commit_lsn));
-                self.txns.push_back(Txn { commit_lsn, outstanding: 1, sealed: false });
+                self.txns.push_back(Txn { commit_lsn, commit_time, outstanding: 1, sealed: false });
             }
         }
         self.in_flight += 1;
@@ -68,16 +74,20 @@ impl Tracker {
         self.advance();
     }
 
-    /// One event of transaction `seq` was acknowledged by Kafka.
-    pub fn acked(&mut self, seq: TxnSeq) {
-        let Some(idx) = seq.checked_sub(self.base) else { return };
+    /// One event of transaction `seq` was acknowledged by Kafka; returns
+    /// its transaction's commit time (for latency), if it was in flight.
+    pub fn acked(&mut self, seq: TxnSeq) -> Option<i64> {
+        let idx = seq.checked_sub(self.base)?;
+        let mut time = None;
         if let Some(t) = self.txns.get_mut(idx as usize) {
             if t.outstanding > 0 {
                 t.outstanding -= 1;
                 self.in_flight -= 1;
+                time = Some(t.commit_time);
             }
         }
         self.advance();
+        time
     }
 
     fn advance(&mut self) {
@@ -146,8 +156,10 @@ mod tests {
         let mut t = Tracker::new();
         let a = t.sent(100);
         let _b = t.sent(200);
-        let c = t.sent(300);
+        let c = t.sent_at(300, 77);
         t.seal();
+        assert_eq!(t.acked(c), Some(77));
+        assert_eq!(t.acked(c), None, "a duplicate report is ignored");
         t.acked(a);
         t.acked(c);
         assert_eq!(t.confirmable(999), 100);

@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod confirm;
 pub mod decoded;
+pub mod histogram;
 pub mod kafka_errors;
 pub mod kafka_props;
 pub mod lsn;

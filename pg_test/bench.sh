@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks (see README.md, "Benchmarks"): installs what is missing, builds
+# the extension in release mode, starts a fresh server and broker and prints
+# one table of throughput, latency and emit cost beside their baselines.
+# BENCH_SECONDS (default 10) and BENCH_CLIENTS (default 4) tune the runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+./pg_test/setup.sh
+exec pg_test/.venv/bin/python pg_test/bench.py "$@"
