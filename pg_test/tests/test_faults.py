@@ -23,8 +23,10 @@ def test_kill_9_of_the_worker_mid_stream(db, broker):
     with Load(db, topic) as load:
         load.wait_for(300)
         pid = rig.relay_pid(db)
+        t0 = time.monotonic()
         db.kill_backend(pid, signal.SIGKILL)  # the postmaster then resets the whole cluster
         rig.wait_for_relay(db)
+        print(f"\n[kill -9 relay] streaming again {time.monotonic() - t0:.1f} s after the kill")
         n = len(load.committed)
         load.wait_for(n + 300)
     finish(db, broker, load, topic, "kill -9 relay")
@@ -37,8 +39,10 @@ def test_server_immediate_stop_and_start_mid_stream(db, broker):
         load.wait_for(300)
         db.crash()
         time.sleep(0.5)
+        t0 = time.monotonic()
         db.start()
         rig.wait_for_relay(db)
+        print(f"\n[immediate stop] streaming again {time.monotonic() - t0:.1f} s after pg_ctl start")
         n = len(load.committed)
         load.wait_for(n + 300)
     finish(db, broker, load, topic, "pg_ctl stop -m immediate")
