@@ -15,6 +15,8 @@ cargo test -p outbox-core
 echo "== in-database: cargo pgrx test pg15"
 # Postgres refuses to run as root: pgrx runs its test instance as 'postgres'
 # in a data directory that user can create.
+# A fresh data directory each run: pgrx writes postgresql_conf_options() only at initdb.
+sudo rm -rf /var/tmp/outbox-pgrx-data
 cargo pgrx test pg15 --runas postgres --pgdata /var/tmp/outbox-pgrx-data
 
 echo "== end to end: pytest pg_test"

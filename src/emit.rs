@@ -202,11 +202,7 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     pgrx::Uuid::from_bytes(id).into_datum().unwrap_or(pg_sys::Datum::from(0))
 }
 
-#[no_mangle]
-pub extern "C" fn pg_finfo_outbox_emit() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::ffi::function_info_v1!(pg_finfo_outbox_emit);
 
 /// BEFORE INSERT row trigger on the outbox table: the same checks as
 /// `outbox_emit()`, so a row the relay could not publish is refused at
@@ -251,8 +247,4 @@ pub unsafe extern "C-unwind" fn outbox_table_guard(fcinfo: pg_sys::FunctionCallI
     }
 }
 
-#[no_mangle]
-pub extern "C" fn pg_finfo_outbox_table_guard() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::ffi::function_info_v1!(pg_finfo_outbox_table_guard);

@@ -49,3 +49,16 @@ extern "C-unwind" {
     #[link_name = "die"]
     pub fn c_die(signo: std::ffi::c_int);
 }
+
+/// Declares the `pg_finfo_<name>` function Postgres looks up to learn that
+/// `<name>` uses the version-1 calling convention (PG_FUNCTION_INFO_V1).
+macro_rules! function_info_v1 {
+    ($finfo:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $finfo() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
+            static V1: ::pgrx::pg_sys::Pg_finfo_record = ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+pub(crate) use function_info_v1;

@@ -9,6 +9,17 @@ use pgrx::prelude::*;
 use crate::errors::raise;
 use crate::shmem;
 
+fn relay_shared() -> &'static shmem::Shared {
+    shmem::shared().unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "the outbox relay is not running",
+            None,
+            Some("Add outbox to shared_preload_libraries and restart the server.".into()),
+        )
+    })
+}
+
 /// `outbox_drain(timeout_ms integer DEFAULT 30000, upto pg_lsn DEFAULT NULL) RETURNS boolean`
 ///
 /// Waits until every transaction committed before `upto` (default: the
@@ -26,14 +37,7 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
             pgrx::fcinfo::pg_getarg_datum(fcinfo, 1).map(|d| d.value() as u64),
         )
     };
-    let Some(shared) = shmem::shared() else {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "the outbox relay is not running",
-            None,
-            Some("Add outbox to shared_preload_libraries and restart the server.".into()),
-        );
-    };
+    let shared = relay_shared();
     // SAFETY: GetFlushRecPtr only reads shared state.
     let target = upto.unwrap_or_else(|| unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64);
@@ -45,26 +49,13 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
             return pg_sys::Datum::from(false);
         }
         shared.wake_worker();
-        // SAFETY: waits on this backend's own latch; interrupts (cancel,
-        // statement_timeout) are served right after.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                5,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
+        // Cancel and statement_timeout are served right after each wait.
+        shmem::wait_latch(5);
         pg_sys::check_for_interrupts!();
     }
 }
 
-#[no_mangle]
-pub extern "C" fn pg_finfo_outbox_drain() -> &'static pg_sys::Pg_finfo_record {
-    static V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::ffi::function_info_v1!(pg_finfo_outbox_drain);
 
 /// `outbox_relay_status()`: the worker's shared-memory status, read without
 /// locks. (The operations view builds on it.)
@@ -83,14 +74,7 @@ fn outbox_relay_status() -> TableIterator<
         name!(broker_reachable, bool),
     ),
 > {
-    let Some(shared) = shmem::shared() else {
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "the outbox relay is not running",
-            None,
-            Some("Add outbox to shared_preload_libraries and restart the server.".into()),
-        );
-    };
+    let shared = relay_shared();
     let s = shared.snapshot();
     let age = (s.oldest_unacked_commit_time != 0).then(|| {
         // SAFETY: GetCurrentTimestamp only reads the clock.

@@ -247,3 +247,18 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         _ => {}
     }
 }
+
+/// Waits on this process's latch for at most `timeout_ms`, exiting if the
+/// postmaster dies, then resets it. Interrupts are for the caller to serve.
+pub fn wait_latch(timeout_ms: i64) {
+    // SAFETY: MyLatch is this process's own latch, valid for its life.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout_ms as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}

@@ -99,16 +99,11 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
 fn wait_until_enabled(shared: &Shared) {
     while !settings::relay_enabled() {
         set_state(shared, State::Disabled, Some("outbox.relay_enabled = off"));
-        // SAFETY: waits on our own latch, which SIGHUP and SIGTERM set.
+        // SIGHUP and SIGTERM set the latch.
+        shmem::wait_latch(1000);
+        pg_sys::check_for_interrupts!();
+        // SAFETY: as in every Postgres main loop.
         unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                1000,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-            pg_sys::check_for_interrupts!();
             if pg_sys::ConfigReloadPending != 0 {
                 pg_sys::ConfigReloadPending = 0;
                 pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
@@ -482,17 +477,7 @@ impl Relay {
                 }
             }
             let wait = if self.sink.tracker.in_flight() > 0 { BUSY_WAIT } else { IDLE_WAIT };
-            // SAFETY: waits on our own latch; WL_EXIT_ON_PM_DEATH exits if
-            // the postmaster dies.
-            unsafe {
-                pg_sys::WaitLatch(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                    wait.as_millis() as std::ffi::c_long,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
+            shmem::wait_latch(wait.as_millis() as i64);
         }
     }
 

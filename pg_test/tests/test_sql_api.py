@@ -1,7 +1,9 @@
 """outbox_emit(), the outbox table and the ready trigger refuse bad input
 before commit, with a SQLSTATE and a hint; privileges; settings."""
 
-import psycopg
+from contextlib import contextmanager
+
+
 import pytest
 
 import rig
@@ -74,28 +76,35 @@ def test_other_database_is_refused(db):
         assert e.sqlstate == "55000"
 
 
-def test_missing_or_foreign_slot_is_refused_with_the_fix():
-    """A second cluster whose relay is switched off, so the test owns the slot."""
-    other = rig.Postgres(run_dir=rig.RUN / "no_relay", port=rig.PG_PORT + 2)
-    other.init({"outbox.relay_enabled": "off"})
+@contextmanager
+def other_cluster(name, port_offset, settings):
+    """A second, short-lived cluster with the extension created."""
+    other = rig.Postgres(run_dir=rig.RUN / name, port=rig.PG_PORT + port_offset)
+    other.init(settings)
     other.start()
     try:
         other.create_database()
         with other.connect() as c:
             c.execute("CREATE EXTENSION outbox")
-            e = sqlstate_of(c, EMIT, args())
-            assert e.sqlstate == "55000" and 'slot "outbox" does not exist' in str(e)
-            assert "pg_create_logical_replication_slot('outbox', 'outbox')" in e.diag.message_hint
-            e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
-            assert 'slot "outbox" does not exist' in str(e)
-            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
-            e = sqlstate_of(c, EMIT, args())
-            assert "is not an outbox slot of this database" in str(e)
-            c.execute("SELECT pg_drop_replication_slot('outbox')")
-            c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
-            assert c.execute(EMIT, args()).fetchone()[0]
+            yield c
     finally:
         other.stop(mode="immediate", check=False)
+
+
+def test_missing_or_foreign_slot_is_refused_with_the_fix():
+    """A second cluster whose relay is switched off, so the test owns the slot."""
+    with other_cluster("no_relay", 2, {"outbox.relay_enabled": "off"}) as c:
+        e = sqlstate_of(c, EMIT, args())
+        assert e.sqlstate == "55000" and 'slot "outbox" does not exist' in str(e)
+        assert "pg_create_logical_replication_slot('outbox', 'outbox')" in e.diag.message_hint
+        e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+        assert 'slot "outbox" does not exist' in str(e)
+        c.execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
+        e = sqlstate_of(c, EMIT, args())
+        assert "is not an outbox slot of this database" in str(e)
+        c.execute("SELECT pg_drop_replication_slot('outbox')")
+        c.execute("SELECT pg_create_logical_replication_slot('outbox', 'outbox')")
+        assert c.execute(EMIT, args()).fetchone()[0]
 
 
 BAD_ROWS = [
@@ -218,14 +227,6 @@ def test_topic_template_reload_changes_routing_checks(db):
 
 
 def test_wal_level_replica_is_refused():
-    other = rig.Postgres(run_dir=rig.RUN / "wal_level_replica", port=rig.PG_PORT + 1)
-    other.init({"wal_level": "replica"})
-    other.start()
-    try:
-        other.create_database()
-        with other.connect() as c:
-            c.execute("CREATE EXTENSION outbox")
-            e = sqlstate_of(c, EMIT, args())
-            assert e.sqlstate == "55000" and "wal_level = logical" in str(e)
-    finally:
-        other.stop(mode="immediate", check=False)
+    with other_cluster("wal_level_replica", 1, {"wal_level": "replica"}) as c:
+        e = sqlstate_of(c, EMIT, args())
+        assert e.sqlstate == "55000" and "wal_level = logical" in str(e)
