@@ -10,6 +10,8 @@ Load comes from pgbench with custom scripts (~200-byte payloads). Scenarios:
   relay-1     one event per transaction, relay on
   relay-100   100 events per transaction, relay on
   light       1,000 events/s at a fixed rate, for latency
+  broker      the broker alone: a producer with the relay's settings at full
+              speed, and at 1,000 events/s (ack latency)
   polling     a polling relay as users write it (SELECT ... FOR UPDATE SKIP
               LOCKED LIMIT 100, produce, mark published, poll every 100 ms)
   emit-cost   the producing transaction with outbox_emit() against the same
@@ -193,11 +195,51 @@ COMMIT;
             "eps": result["published"] / t_all, "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}
 
 
+def broker_baseline(broker, rate=None, duration=DURATION, batch=1):
+    """The broker alone: a librdkafka producer with the relay's delivery
+    settings, at full speed or at a fixed rate. Separates what the broker
+    costs from what the relay costs."""
+    from confluent_kafka import Producer
+
+    topic = f"bench.broker.{uuid.uuid4().hex[:6]}"
+    broker.create_topic(topic, partitions=6)
+    p = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 1,
+                  "partitioner": "murmur2_random", "message.timeout.ms": 0})
+    lat = []
+    value = PAYLOAD.encode()
+
+    def done(err, msg, sent=None):
+        if err is None:
+            lat.append(time.monotonic() - sent)
+
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < duration:
+        if rate and n >= rate * (time.monotonic() - t0):
+            p.poll(0.0005)
+            continue
+        sent = time.monotonic()
+        while True:
+            try:
+                p.produce(topic, key=str(n % 100000), value=value, on_delivery=lambda e, m, s=sent: done(e, m, s))
+                break
+            except BufferError:
+                p.poll(0.01)
+        n += 1
+        p.poll(0)
+    p.flush(120)
+    elapsed = time.monotonic() - t0
+    lat.sort()
+    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1000 if lat else None  # noqa: E731
+    return {"name": "broker alone" + (" 1k/s" if rate else ""), "events": broker.topic_counts(topic),
+            "eps": len(lat) / elapsed, "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}
+
+
 def emit_cost(pg):
     """Producer-side cost: the same transaction with outbox_emit() vs an
     INSERT into an outbox table (the relay off, so only the write is measured)."""
     with pg.connect() as c:
-        c.execute("CREATE TABLE IF NOT EXISTS outbox_plain (LIKE outbox INCLUDING DEFAULTS)")
+        c.execute("CREATE TABLE IF NOT EXISTS outbox_plain (LIKE outbox INCLUDING DEFAULTS INCLUDING INDEXES)")
     emit = emit_script("bench.cost", 1)
     insert = f"""\\set aid random(1, 100000)
 BEGIN;
@@ -235,7 +277,7 @@ def main():
             c.execute("CREATE EXTENSION outbox")
             c.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, customer text, payload jsonb)")
         rig.wait_for_relay(pg)
-        rows = []
+        rows = [broker_baseline(broker), broker_baseline(broker, rate=1000)]
         # Ceiling: the relay off, the same load.
         relay_off(pg)
         tps, _ = pgbench(pg, emit_script("bench.ceiling", 1))
@@ -272,6 +314,8 @@ def main():
     print(f"| relay-1 end-to-end / ceiling-1 commits | {r1['eps'] / c1['commit_eps']:.2f} |")
     print(f"| relay-100 end-to-end / ceiling-100 commits | {r100['eps'] / c100['commit_eps']:.2f} |")
     print(f"| relay-1 end-to-end / polling relay | {r1['eps'] / pol['eps']:.1f}x |")
+    b = by["broker alone"]
+    print(f"| relay-100 end-to-end / broker alone (producer at full speed) | {r100['eps'] / b['eps']:.2f} |")
     if light.get("p50_ms") and pol_light.get("p50_ms"):
         print(f"| polling p50 / relay p50 at 1k events/s | {pol_light['p50_ms'] / light['p50_ms']:.1f}x lower latency |")
     print(f"| linger.ms | {light['linger']} |")

@@ -72,6 +72,8 @@ fn outbox_relay_status() -> TableIterator<
         name!(worker_starts, i64),
         name!(peak_rss_kb, i64),
         name!(broker_reachable, bool),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
     let shared = relay_shared();
@@ -91,7 +93,19 @@ fn outbox_relay_status() -> TableIterator<
         s.starts as i64,
         s.peak_rss_kb as i64,
         s.broker_up,
+        shared.last_error().map(|(m, _)| m),
+        shared.last_error().and_then(|(_, t)| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
     ))
+}
+
+/// `outbox_relay_resume()`: a relay stopped on a bad event restarts and
+/// resumes with that event (once its cause is fixed). Same as a reload.
+#[pg_extern(volatile, parallel_unsafe)]
+fn outbox_relay_resume() -> bool {
+    let shared = relay_shared();
+    let stopped = shared.state() == shmem::State::StoppedOnBadEvent;
+    shared.request_resume();
+    stopped
 }
 
 /// `outbox_relay_latency()`: commit-to-acknowledgement latency percentiles
@@ -119,3 +133,12 @@ fn outbox_relay_latency_reset() {
         s.reset_latency();
     }
 }
+
+extension_sql!(
+    r#"
+REVOKE ALL ON FUNCTION outbox_relay_resume() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_relay_latency_reset() FROM PUBLIC;
+"#,
+    name = "ops_privileges",
+    finalize
+);

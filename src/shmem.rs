@@ -67,7 +67,17 @@ pub struct Shared {
     broker_up: AtomicBool,
     /// Commit-to-acknowledgement latency, µs (outbox_core::histogram buckets).
     latency: [AtomicU64; histogram::BUCKETS],
+    /// The last error, as UTF-8 in 8-byte words under a sequence lock: the
+    /// worker is the only writer, readers retry while it writes.
+    error_seq: AtomicU64,
+    error_len: AtomicU64,
+    error_time: AtomicI64,
+    error_words: [AtomicU64; ERROR_WORDS],
+    /// Set by outbox_relay_resume(): a stopped worker restarts and resumes.
+    resume_requested: AtomicBool,
 }
+
+const ERROR_WORDS: usize = 128; // 1 KiB of message
 
 impl Default for Shared {
     fn default() -> Self {
@@ -83,6 +93,11 @@ impl Default for Shared {
             peak_rss_kb: AtomicU64::new(0),
             broker_up: AtomicBool::new(false),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            error_seq: AtomicU64::new(0),
+            error_len: AtomicU64::new(0),
+            error_time: AtomicI64::new(0),
+            error_words: std::array::from_fn(|_| AtomicU64::new(0)),
+            resume_requested: AtomicBool::new(false),
         }
     }
 }
@@ -150,6 +165,59 @@ impl Shared {
 
     pub fn set_broker_up(&self, up: bool) {
         self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Records the last error (truncated to 1 KiB) with the current time.
+    pub fn set_error(&self, msg: &str) {
+        let mut bytes = msg.as_bytes();
+        if bytes.len() > ERROR_WORDS * 8 {
+            let mut end = ERROR_WORDS * 8;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            bytes = &bytes[..end];
+        }
+        self.error_seq.fetch_add(1, Ordering::AcqRel); // odd: writing
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.error_words[i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        self.error_len.store(bytes.len() as u64, Ordering::Relaxed);
+        // SAFETY: GetCurrentTimestamp only reads the clock.
+        self.error_time.store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+        self.error_seq.fetch_add(1, Ordering::AcqRel); // even: stable
+    }
+
+    /// The last error and its time (µs since 2000), if any.
+    pub fn last_error(&self) -> Option<(String, i64)> {
+        for _ in 0..100 {
+            let before = self.error_seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let len = (self.error_len.load(Ordering::Relaxed) as usize).min(ERROR_WORDS * 8);
+            let mut bytes = Vec::with_capacity(len + 8);
+            for w in self.error_words.iter().take(len.div_ceil(8)) {
+                bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
+            bytes.truncate(len);
+            let time = self.error_time.load(Ordering::Relaxed);
+            if self.error_seq.load(Ordering::Acquire) == before {
+                return (len > 0).then(|| (String::from_utf8_lossy(&bytes).into_owned(), time));
+            }
+        }
+        None
+    }
+
+    pub fn request_resume(&self) {
+        self.resume_requested.store(true, Ordering::Release);
+        self.wake_worker();
+    }
+
+    pub fn take_resume_request(&self) -> bool {
+        self.resume_requested.swap(false, Ordering::AcqRel)
     }
 
     pub fn record_latency(&self, us: u64) {

@@ -167,27 +167,18 @@ struct Sink {
 impl Sink {
     fn apply_reports(&mut self, wait: Duration) {
         let reports = self.publisher.poll(wait);
-        for r in reports {
-            match r.error {
-                None => {
-                    let commit_time = self.tracker.acked(r.seq);
-                    note_latency(self.shared, commit_time);
-                    self.published += 1;
-                    self.last_ack = Instant::now();
-                }
-                Some(rej) => {
-                    let lsn = self.tracker.commit_lsn_of(r.seq).unwrap_or(0);
-                    self.failed += 1;
-                    self.stop(rej, lsn);
-                }
-            }
+        let mut acks = Acks { tracker: &mut self.tracker, shared: self.shared, published: &mut self.published,
+                              last_ack: &mut self.last_ack, failed: &mut self.failed };
+        let rejected = acks.apply(reports);
+        for (rej, lsn) in rejected {
+            self.stop(rej, lsn);
         }
     }
 
     fn stop(&mut self, rej: Rejected, commit_lsn: u64) {
         if self.stopped.is_none() && !rej.permanent {
-            warning!(
-                "outbox relay: Kafka failed to deliver event {} (transaction committed at {}) to topic \"{}\": {}; \
+            let msg = format!(
+                "Kafka failed to deliver event {} (transaction committed at {}) to topic \"{}\": {}; \
                  restarting the stream from the confirmed position {} (events after it are sent again, none skipped)",
                 rej.event_id,
                 lsn::format(commit_lsn),
@@ -195,22 +186,26 @@ impl Sink {
                 rej.reason,
                 lsn::format(self.shared.confirmed())
             );
+            warning!("outbox relay: {msg}");
+            self.shared.set_error(&msg);
             self.restart_at = Some(Instant::now() + RESTART_DRAIN);
             self.stopped = Some((rej, commit_lsn));
             return;
         }
         if self.stopped.is_none() {
-            warning!(
-                "outbox relay: Kafka rejected event {} (transaction committed at {}) for topic \"{}\": {}",
+            let msg = format!(
+                "Kafka rejected event {} (transaction committed at {}) for topic \"{}\": {}",
                 rej.event_id,
                 lsn::format(commit_lsn),
                 rej.topic,
                 rej.reason
             );
+            warning!("outbox relay: {msg}");
+            self.shared.set_error(&msg);
             set_state(
                 self.shared,
                 State::StoppedOnBadEvent,
-                Some("the slot's position is held; fix the cause, then reload the configuration (SIGHUP) to resume"),
+                Some("the slot's position is held; fix the cause, then reload the configuration or call outbox_relay_resume()"),
             );
             self.stopped = Some((rej, commit_lsn));
         }
@@ -277,6 +272,7 @@ impl Sink {
                 Err(TopicError::Unreachable(reason)) => {
                     // The broker cannot be asked: wait and ask again, never skip.
                     self.shared.set_broker_up(false);
+                    self.shared.set_error(&reason);
                     set_state(self.shared, State::WaitingForBroker, Some(&reason));
                     self.apply_reports(Duration::from_millis(500));
                     pg_sys::check_for_interrupts!();
@@ -284,7 +280,7 @@ impl Sink {
             }
         }
         let Sink { publisher, tracker, published, last_ack, failed, shared, .. } = self;
-        let shared: &Shared = shared;
+        let mut acks = Acks { tracker, shared, published, last_ack, failed };
         let mut pending_errors = Vec::new();
         let res = publisher.send(
             seq,
@@ -299,19 +295,7 @@ impl Sink {
             |p| {
                 // The local queue is full: serve delivery reports until
                 // there is room, staying responsive to SIGTERM.
-                for r in p.poll(Duration::from_millis(100)) {
-                    match r.error {
-                        None => {
-                            note_latency(shared, tracker.acked(r.seq));
-                            *published += 1;
-                            *last_ack = Instant::now();
-                        }
-                        Some(rej) => {
-                            *failed += 1;
-                            pending_errors.push((rej, tracker.commit_lsn_of(r.seq).unwrap_or(0)))
-                        }
-                    }
-                }
+                pending_errors.extend(acks.apply(p.poll(Duration::from_millis(100))));
                 pg_sys::check_for_interrupts!();
             },
         );
@@ -321,6 +305,37 @@ impl Sink {
         if let Err(SendError::Rejected(rej)) = res {
             self.stop(rej, d.commit_lsn);
         }
+    }
+}
+
+/// What a delivery report changes: the tracker, the counters, the latency
+/// histogram. Borrowed from the Sink so the producer can be borrowed beside it.
+struct Acks<'a> {
+    tracker: &'a mut Tracker,
+    shared: &'static Shared,
+    published: &'a mut u64,
+    last_ack: &'a mut Instant,
+    failed: &'a mut u64,
+}
+
+impl Acks<'_> {
+    /// Applies the reports; returns the failed ones with their commit LSN.
+    fn apply(&mut self, reports: Vec<crate::publisher::Report>) -> Vec<(Rejected, u64)> {
+        let mut rejected = Vec::new();
+        for r in reports {
+            match r.error {
+                None => {
+                    note_latency(self.shared, self.tracker.acked(r.seq));
+                    *self.published += 1;
+                    *self.last_ack = Instant::now();
+                }
+                Some(rej) => {
+                    *self.failed += 1;
+                    rejected.push((rej, self.tracker.commit_lsn_of(r.seq).unwrap_or(0)));
+                }
+            }
+        }
+        rejected
     }
 }
 
@@ -482,6 +497,11 @@ impl Relay {
     }
 
     fn reload_if_asked(&mut self) {
+        if self.shared.take_resume_request() && self.sink.stopped.is_some() {
+            log!("outbox relay: resume requested; restarting to resume from {}", lsn::format(self.confirmed));
+            // SAFETY: proc_exit(1) asks the postmaster for a restart.
+            unsafe { pg_sys::proc_exit(1) };
+        }
         // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler.
         if unsafe { pg_sys::ConfigReloadPending } == 0 {
             return;

@@ -64,12 +64,20 @@ def test_missing_topic_with_creation_off_stops_then_resumes(db, broker):
         with db.connect() as c:
             first = emit(c, topic, "k", {"n": 1})
             second = emit(c, topic, "k", {"n": 2})
-        rig.wait_for_relay(db, state="stopped on bad event", timeout=30)
-        assert f'topic "{topic}" does not exist and outbox.topic_creation is off' in db.log_text()
+        status = rig.wait_for_relay(db, state="stopped on bad event", timeout=30)
+        reason = f'topic "{topic}" does not exist and outbox.topic_creation is off'
+        assert reason in db.log_text()
+        assert str(first) in status["last_error"] and reason in status["last_error"]
+        assert status["last_error_at"] is not None
         broker.create_topic(topic, partitions=2)  # the operator's fix
+        pid = rig.relay_pid(db)
+        with db.connect() as c:
+            assert c.execute("SELECT outbox_relay_resume()").fetchone()[0] is True
+        rig.wait_for("the relay to restart", lambda: rig.relay_pid(db) not in (None, pid), timeout=30)
+        rig.wait_for_relay(db)
+        rig.drain(db)
     finally:
-        set_conf(db, "outbox.topic_creation", None, restarts_relay=True)
-    rig.drain(db)
+        set_conf(db, "outbox.topic_creation", None)
     got = broker.consume(topic, expect=2, timeout=30, linger=1)
     assert [m["headers"]["id"] for m in got] == [str(first), str(second)]
 

@@ -188,6 +188,10 @@ def test_privileges_producer_role_only(db):
     assert sqlstate_of(prod, "SELECT pg_drop_replication_slot('outbox')").sqlstate == "42501"
     assert sqlstate_of(prod, "SELECT * FROM pg_logical_slot_peek_changes('outbox', NULL, NULL)").sqlstate == "42501"
     assert sqlstate_of(prod, "SHOW outbox.kafka_properties").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT outbox_drain(1)").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT outbox_relay_resume()").sqlstate == "42501"
+    # Reading the status is harmless and leaks no secret.
+    assert prod.execute("SELECT state FROM outbox_relay_status()").fetchone()[0]
     prod.close()
 
 
