@@ -79,10 +79,6 @@ fn check_database() {
 fn check_slot() {
     let name = settings::slot_name();
     let cname = CString::new(name.clone()).unwrap_or_default();
-    let fix = format!(
-        "The outbox relay worker creates the slot when it starts: check that outbox is in shared_preload_libraries and \
-         look for the worker in the server log. Without the worker: SELECT pg_create_logical_replication_slot('{name}', 'outbox');"
-    );
     // SAFETY: SearchNamedReplicationSlot takes the control lock itself
     // (need_lock = true). The returned slot lives in shared memory for the
     // server's life; we read word-sized fields without its spinlock, which
@@ -95,7 +91,11 @@ fn check_slot() {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("outbox replication slot \"{name}\" does not exist"),
                 Some("Events written now would never be decoded, so they are refused.".into()),
-                Some(fix),
+                Some(format!(
+                    "The outbox relay worker creates the slot when it starts: check that outbox is in \
+                     shared_preload_libraries and look for the worker in the server log. Without the worker: \
+                     SELECT pg_create_logical_replication_slot('{name}', 'outbox');"
+                )),
             );
         }
         let d = &(*slot).data;

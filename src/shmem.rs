@@ -123,12 +123,16 @@ pub fn shared() -> Option<&'static Shared> {
 
 impl Shared {
     pub fn attach_worker(&self) {
-        // SAFETY: MyProc and MyProcPid are set for any process attached to shared memory.
-        unsafe {
-            self.worker_pid.store(pg_sys::MyProcPid, Ordering::Relaxed);
-            self.worker_procno.store((*pg_sys::MyProc).pgprocno + 1, Ordering::Release);
-        }
+        // SAFETY: MyProcPid is set for any process attached to shared memory.
+        self.worker_pid.store(unsafe { pg_sys::MyProcPid }, Ordering::Relaxed);
         self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// From now on COMMITs that wrote an event set the worker's latch. Only
+    /// while streaming: a disabled relay is not woken for nothing.
+    pub fn enable_wakeups(&self) {
+        // SAFETY: MyProc is set for any process attached to shared memory.
+        self.worker_procno.store(unsafe { (*pg_sys::MyProc).pgprocno } + 1, Ordering::Release);
     }
 
     pub fn detach_worker(&self) {

@@ -471,6 +471,7 @@ impl Relay {
             settings::bootstrap_servers()
         );
         set_state(shared, State::Streaming, None);
+        shared.enable_wakeups();
         relay
     }
 

@@ -26,25 +26,25 @@ pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + TAG_LEN;
 
-/// The server's secret message-authentication key.
+/// The server's secret message-authentication key, kept as the HMAC state
+/// after absorbing the key, so each event costs only its own bytes.
 #[derive(Clone)]
-pub struct Key([u8; KEY_LEN]);
+pub struct Key(Hmac<Sha256>);
 
 impl Key {
     pub fn new(bytes: [u8; KEY_LEN]) -> Self {
-        Key(bytes)
+        // new_from_slice only fails for key lengths HMAC cannot take; any
+        // length is fine for HMAC-SHA256, so the fallback is unreachable.
+        Key(<Hmac<Sha256> as Mac>::new_from_slice(&bytes).unwrap_or_else(|_| unreachable!("HMAC accepts any key length")))
     }
 
     /// Reads a key file's contents: exactly [`KEY_LEN`] bytes.
     pub fn from_file_bytes(bytes: &[u8]) -> Option<Self> {
-        bytes.try_into().ok().map(Key)
+        <[u8; KEY_LEN]>::try_from(bytes).ok().map(Key::new)
     }
 
     fn tag(&self, version: u8, body: &[u8]) -> [u8; TAG_LEN] {
-        // new_from_slice only fails for key lengths HMAC cannot take; any
-        // length is fine for HMAC-SHA256, so the fallback is unreachable.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        let mut mac = self.0.clone();
         mac.update(&[version]);
         mac.update(body);
         let full = mac.finalize().into_bytes();
