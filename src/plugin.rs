@@ -120,7 +120,7 @@ unsafe extern "C-unwind" fn commit(
 }
 
 /// Writes one output record for an event of the transaction being replayed.
-unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::ReorderBufferTXN, d: DecodedEvent<'_>) {
+unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, d: DecodedEvent<'_>) {
     // SAFETY: called from a decoding callback, where ctx->out is the
     // context's output buffer and Prepare/Write bracket one record.
     unsafe {
@@ -137,7 +137,6 @@ unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, txn: *mut pg_sys::Reord
                 (st.text.as_ptr(), st.text.len())
             }
         };
-        let _ = txn;
         pg_sys::OutputPluginPrepareWrite(ctx, true);
         pg_sys::appendBinaryStringInfo((*ctx).out, ptr.cast(), len as i32);
         pg_sys::OutputPluginWrite(ctx, true);
@@ -187,7 +186,7 @@ unsafe extern "C-unwind" fn message_cb(
             }
         };
         let (xid, commit_lsn, commit_time) = commit_info(txn);
-        emit(ctx, txn, DecodedEvent { source: Source::Emit, xid, commit_lsn, commit_time, lsn: message_lsn, event });
+        emit(ctx, DecodedEvent { source: Source::Emit, xid, commit_lsn, commit_time, lsn: message_lsn, event });
     }
 }
 
@@ -287,6 +286,6 @@ unsafe extern "C-unwind" fn change(
             payload,
         };
         let (xid, commit_lsn, commit_time) = commit_info(txn);
-        emit(ctx, txn, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });
+        emit(ctx, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });
     }
 }

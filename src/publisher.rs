@@ -46,7 +46,7 @@ pub struct Rejected {
 }
 
 fn permanent(e: &KafkaError) -> bool {
-    e.rdkafka_error_code().map_or(false, |c| outbox_core::kafka_errors::is_permanent(c as i32))
+    e.rdkafka_error_code().is_some_and(|c| outbox_core::kafka_errors::is_permanent(c as i32))
 }
 
 pub struct Ctx {

@@ -143,7 +143,7 @@ pub fn with_topic_template<R>(f: impl FnOnce(&TopicTemplate) -> R) -> R {
             let t = TopicTemplate::parse(&current).unwrap_or_else(|_| DEFAULT.clone());
             *c = Some((current, t));
         }
-        f(&c.as_ref().map(|(_, t)| t).unwrap_or(&DEFAULT))
+        f(c.as_ref().map(|(_, t)| t).unwrap_or(&DEFAULT))
     })
 }
 

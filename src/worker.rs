@@ -549,7 +549,7 @@ impl Relay {
                 pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::LogicalDecodingProcessRecord(self.ctx, reader));
                 self.sink.tracker.seal();
                 n += 1;
-                if n % 256 == 0 {
+                if n.is_multiple_of(256) {
                     self.sink.apply_reports(Duration::ZERO);
                     pg_sys::check_for_interrupts!();
                 }
@@ -582,7 +582,7 @@ impl Relay {
             self.saved = self.confirmed;
             self.last_save = Instant::now();
         }
-        while self.sink.commit_times.front().map_or(false, |(l, _)| *l <= confirmable) {
+        while self.sink.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
             self.sink.commit_times.pop_front();
         }
         let in_flight = self.sink.tracker.in_flight();
@@ -608,7 +608,7 @@ impl Relay {
 
     fn delete_published_rows(&mut self, confirmable: u64) {
         let mut ids = Vec::new();
-        while self.sink.table_rows.front().map_or(false, |(l, _)| *l <= confirmable) {
+        while self.sink.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
             if let Some((_, id)) = self.sink.table_rows.pop_front() {
                 ids.push(id);
             }

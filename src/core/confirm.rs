@@ -54,7 +54,7 @@ impl Tracker {
         match self.txns.back_mut() {
             Some(t) if t.commit_lsn == commit_lsn && !t.sealed => t.outstanding += 1,
             _ => {
-                debug_assert!(self.txns.back().map_or(true, |t| t.commit_lsn < commit_lsn));
+                debug_assert!(self.txns.back().is_none_or(|t| t.commit_lsn < commit_lsn));
                 self.txns.push_back(Txn { commit_lsn, commit_time, outstanding: 1, sealed: false });
             }
         }
