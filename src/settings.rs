@@ -224,6 +224,7 @@ static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
 static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
 static DELETE_PUBLISHED_ROWS: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RELAY_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static SAVE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
 
 /// The relay's settings, defined after the core ones in `init`.
 pub fn init_relay() {
@@ -234,6 +235,17 @@ pub fn init_relay() {
         &RELAY_ENABLED,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"outbox.confirm_save_interval",
+        c"How often the relay writes a moved confirmed position to disk.",
+        c"Reloadable. Each save is a small file write with ~3 fsyncs; after a server crash the relay re-sends \
+          what committed since the last save, so this bounds the duplicates a crash causes.",
+        &SAVE_INTERVAL_MS,
+        10,
+        60_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
         c"outbox.topic_creation",
@@ -285,6 +297,10 @@ pub fn init_relay() {
 
 pub fn relay_enabled() -> bool {
     RELAY_ENABLED.get()
+}
+
+pub fn confirm_save_interval() -> std::time::Duration {
+    std::time::Duration::from_millis(SAVE_INTERVAL_MS.get().max(10) as u64)
 }
 
 pub fn topic_creation() -> bool {
