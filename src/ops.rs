@@ -78,6 +78,8 @@ fn outbox_relay_status() -> TableIterator<
 > {
     let shared = relay_shared();
     let s = shared.snapshot();
+    // One read: message and time from the same write.
+    let error = shared.last_error();
     let age = (s.oldest_unacked_commit_time != 0).then(|| {
         // SAFETY: GetCurrentTimestamp only reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
@@ -93,8 +95,8 @@ fn outbox_relay_status() -> TableIterator<
         s.starts as i64,
         s.peak_rss_kb as i64,
         s.broker_up,
-        shared.last_error().map(|(m, _)| m),
-        shared.last_error().and_then(|(_, t)| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
+        error.as_ref().map(|(m, _)| m.clone()),
+        error.and_then(|(_, t)| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
     ))
 }
 
