@@ -29,7 +29,9 @@ RUN = Path(os.environ.get("OUTBOX_RUN_DIR", HERE / ".run"))
 PG_MAJOR = "15"
 PG_BIN = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
 PG_CONFIG = PG_BIN / "pg_config"
-PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "55432"))
+# Below the ephemeral port range (32768-60999 on Linux): a port in it can be
+# taken by any outgoing connection, and a second cluster then cannot bind.
+PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "25432"))
 KAFKA_PORT = int(os.environ.get("OUTBOX_KAFKA_PORT", "19092"))
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 DATABASE = "outbox_test"
@@ -327,7 +329,7 @@ class Broker:
 
 def relay_status(pg: "Postgres") -> dict:
     with pg.connect() as c:
-        cur = c.execute("SELECT * FROM outbox_relay_status()")
+        cur = c.execute("SELECT * FROM outbox_status")
         row = cur.fetchone()
         return dict(zip([d.name for d in cur.description], row))
 

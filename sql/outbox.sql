@@ -70,6 +70,77 @@ CREATE FUNCTION outbox_drain(timeout_ms integer DEFAULT 30000, upto pg_lsn DEFAU
 LANGUAGE c VOLATILE PARALLEL UNSAFE
 AS 'MODULE_PATHNAME', 'outbox_drain';
 
+-- Dead letters: events Kafka rejected for a reason retrying cannot fix,
+-- written by the relay with the reason when outbox.on_rejected_event =
+-- dead_letter (the stream goes on without them). Fix the cause, then
+-- outbox_dead_letter_republish(). `topic` is where the event was routed
+-- (NULL when no topic could be derived); UPDATE it to send the event
+-- elsewhere when re-publishing.
+CREATE TABLE outbox_dead_letter (
+    id               uuid        NOT NULL PRIMARY KEY,
+    aggregatetype    text        NOT NULL,
+    aggregateid      text        NOT NULL,
+    type             text        NOT NULL,
+    payload          jsonb       NOT NULL,
+    headers          jsonb       NOT NULL DEFAULT '{}',
+    topic            text,
+    reason           text        NOT NULL,
+    commit_lsn       pg_lsn      NOT NULL,
+    committed_at     timestamptz NOT NULL,
+    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+);
+
+COMMENT ON TABLE outbox_dead_letter IS 'Events Kafka rejected for good, with the reason; re-publish with outbox_dead_letter_republish()';
+
+-- Dead letters are data: pg_dump keeps them (an upgrade by dump and restore
+-- must not lose them).
+SELECT pg_catalog.pg_extension_config_dump('outbox_dead_letter', '');
+
+-- outbox_emit() with a given id: a re-published dead letter keeps the id
+-- consumers de-duplicate on. Superuser-only.
+CREATE FUNCTION outbox_emit_with_id(
+    id             uuid,
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
+    payload        jsonb,
+    headers        jsonb,
+    topic          text
+) RETURNS uuid
+LANGUAGE c VOLATILE PARALLEL UNSAFE
+AS 'MODULE_PATHNAME', 'outbox_emit_with_id';
+
+-- Writes dead letters again as events, in the caller's transaction, oldest
+-- commit first, and removes them from the table: published if and only if
+-- that transaction commits. NULL: all of them. Returns how many.
+CREATE FUNCTION outbox_dead_letter_republish(event_id uuid DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    n bigint := 0;
+BEGIN
+    FOR r IN
+        WITH d AS (
+            DELETE FROM @extschema@.outbox_dead_letter
+            WHERE event_id IS NULL OR id = event_id
+            RETURNING *
+        )
+        SELECT * FROM d ORDER BY commit_lsn, id
+    LOOP
+        PERFORM @extschema@.outbox_emit_with_id(r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.headers, r.topic);
+        n := n + 1;
+    END LOOP;
+    IF event_id IS NOT NULL AND n = 0 THEN
+        RAISE EXCEPTION 'no dead letter with id %', event_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'SELECT id, reason FROM outbox_dead_letter lists them.';
+    END IF;
+    RETURN n;
+END
+$$;
+
 -- A ready row trigger: publishes a table's inserts, updates and deletes.
 --   CREATE TRIGGER orders_outbox AFTER INSERT OR UPDATE OR DELETE ON orders
 --   FOR EACH ROW EXECUTE FUNCTION outbox_row_trigger('Order', 'id');
@@ -123,6 +194,9 @@ REVOKE ALL ON FUNCTION outbox_table_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_row_trigger() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_drain(integer, pg_lsn) FROM PUBLIC;
 REVOKE ALL ON TABLE outbox FROM PUBLIC;
+REVOKE ALL ON TABLE outbox_dead_letter FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_emit_with_id(uuid, text, text, text, jsonb, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_dead_letter_republish(uuid) FROM PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_row_trigger() TO outbox_producer;

@@ -2,15 +2,15 @@
 //! and the guard trigger on the outbox table. Both run the same checks,
 //! before commit, so an event that is accepted is one the relay can publish.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 
 use pgrx::prelude::*;
 use pgrx::{pg_sys, JsonB};
 
-use outbox_core::{message, validate, Event};
+use outbox_core::{message, validate, wal_guard, Event};
 
 use crate::errors::{raise, raise_invalid};
-use crate::{ffi, key, row, settings};
+use crate::{ffi, key, row, settings, slot};
 
 /// Everything about the server that must hold for an event written now to be
 /// published: refused loudly here rather than silently never decoded.
@@ -75,39 +75,23 @@ fn check_database() {
 }
 
 /// The slot must exist in this database, use our plugin, be consistent
-/// (events committed before that point are never decoded) and be valid.
+/// (events committed before that point are never decoded), be valid, and
+/// hold back no more WAL than outbox.max_retained_wal.
 fn check_slot() {
     let name = settings::slot_name();
-    let cname = CString::new(name.clone()).unwrap_or_default();
-    // SAFETY: SearchNamedReplicationSlot takes the control lock itself
-    // (need_lock = true). The returned slot lives in shared memory for the
-    // server's life; we read word-sized fields without its spinlock, which
-    // can only give a stale answer, never a torn one, and this is a
-    // pre-check, not the guarantee (the relay holds the slot).
-    let (database, plugin, confirmed, restart, invalidated) = unsafe {
-        let slot = pg_sys::SearchNamedReplicationSlot(cname.as_ptr(), true);
-        if slot.is_null() {
-            raise(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("outbox replication slot \"{name}\" does not exist"),
-                Some("Events written now would never be decoded, so they are refused.".into()),
-                Some(format!(
-                    "The outbox relay worker creates the slot when it starts: check that outbox is in \
-                     shared_preload_libraries and look for the worker in the server log. Without the worker: \
-                     SELECT pg_create_logical_replication_slot('{name}', 'outbox');"
-                )),
-            );
-        }
-        let d = &(*slot).data;
-        (
-            d.database,
-            CStr::from_ptr(d.plugin.data.as_ptr()).to_string_lossy().into_owned(),
-            d.confirmed_flush,
-            d.restart_lsn,
-            d.invalidated_at,
-        )
+    let Some(info) = slot::find(&name) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("outbox replication slot \"{name}\" does not exist"),
+            Some("Events written now would never be decoded, so they are refused.".into()),
+            Some(format!(
+                "The outbox relay worker creates the slot when it starts: check that outbox is in \
+                 shared_preload_libraries and look for the worker in the server log. Without the worker: \
+                 SELECT pg_create_logical_replication_slot('{name}', 'outbox');"
+            )),
+        );
     };
-    if confirmed == 0 {
+    if info.confirmed_flush == 0 {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox replication slot \"{name}\" is not ready yet"),
@@ -116,20 +100,40 @@ fn check_slot() {
         );
     }
     // SAFETY: MyDatabaseId is a plain global.
-    if database != unsafe { pg_sys::MyDatabaseId } || plugin != "outbox" {
+    if info.database != unsafe { pg_sys::MyDatabaseId } || info.plugin != "outbox" {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("replication slot \"{name}\" is not an outbox slot of this database"),
-            Some(format!("It uses output plugin \"{plugin}\" in database oid {}.", database.to_u32())),
+            Some(format!("It uses output plugin \"{}\" in database oid {}.", info.plugin, info.database.to_u32())),
             Some("Point outbox.slot_name at a slot created with plugin 'outbox' in this database, or drop this one.".into()),
         );
     }
-    if restart == 0 && invalidated != 0 {
+    if info.invalidated {
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox replication slot \"{name}\" has been invalidated"),
             Some("Postgres removed WAL the slot still needed (max_slot_wal_keep_size); events after that point are lost to it.".into()),
             Some(format!("Drop the slot (SELECT pg_drop_replication_slot('{name}')) and let the relay recreate it; see the README's runbook.")),
+        );
+    }
+    if let (retained, wal_guard::Verdict::Exceeded) = slot::guard(&info) {
+        let relay = crate::shmem::shared().map_or("not running", |s| s.state().name());
+        raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!(
+                "outbox relay is too far behind: slot \"{name}\" retains {} of WAL, outbox.max_retained_wal allows {}",
+                wal_guard::format_bytes(retained),
+                wal_guard::format_bytes(settings::max_retained_wal().unwrap_or(0)),
+            ),
+            Some(format!(
+                "New events are refused so that the slot is not invalidated and no event is lost. The relay is {relay}; \
+                 events are accepted again once it has published the backlog."
+            )),
+            Some(
+                "SELECT * FROM outbox_status shows why (broker down, relay disabled or stopped). Raising \
+                 outbox.max_retained_wal, or -1 for no limit, also lifts the refusal at the risk of filling the disk."
+                    .into(),
+            ),
         );
     }
 }
@@ -147,17 +151,49 @@ fn check_or_raise<T>(r: Result<T, validate::Invalid>) -> T {
 #[pg_guard]
 pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let key = preflight(c"outbox_emit()");
-    // SAFETY: Postgres calls us with the six arguments our CREATE FUNCTION
-    // declares (text, text, text, jsonb, jsonb, text); pg_getarg checks
-    // for NULL and detoasts.
+    // SAFETY: called by Postgres with the arguments declared in sql/outbox.sql.
+    unsafe { emit(fcinfo, 0, uuid::Uuid::now_v7().into_bytes(), key) }
+}
+
+crate::ffi::function_info_v1!(pg_finfo_outbox_emit);
+
+/// `outbox_emit_with_id(id, aggregate_type, ...)`: `outbox_emit()` with a
+/// given event id, for re-publishing a dead letter under the id consumers
+/// may already have seen. Superuser-only (it could reuse any id).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn outbox_emit_with_id(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    let key = preflight(c"outbox_emit_with_id()");
+    // SAFETY: argument 0 is declared uuid in sql/outbox.sql.
+    let id = unsafe { pgrx::fcinfo::pg_getarg::<pgrx::Uuid>(fcinfo, 0) };
+    let Some(id) = id else {
+        raise(PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED, "the event id must not be NULL", None, None)
+    };
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(id.as_bytes());
+    // SAFETY: the remaining arguments are outbox_emit()'s, from position 1.
+    unsafe { emit(fcinfo, 1, bytes, key) }
+}
+
+crate::ffi::function_info_v1!(pg_finfo_outbox_emit_with_id);
+
+/// Validates the event in arguments `first..first + 6` (aggregate type,
+/// aggregate id, event type, payload, headers, topic) and writes it as one
+/// transactional logical message with `id`.
+///
+/// # Safety
+/// `fcinfo` must carry those arguments with the declared types.
+unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, first: usize, id: [u8; 16], key: &message::Key) -> pg_sys::Datum {
+    // SAFETY: the caller guarantees the argument types (text, text, text,
+    // jsonb, jsonb, text); pg_getarg checks for NULL and detoasts.
     let (aggregate_type, aggregate_id, event_type, payload, headers, topic) = unsafe {
         (
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
-            pgrx::fcinfo::pg_getarg_datum(fcinfo, 3).map(|d| row::jsonb_text(d)),
-            pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, 4),
-            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 5),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, first),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, first + 1),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, first + 2),
+            pgrx::fcinfo::pg_getarg_datum(fcinfo, first + 3).map(|d| row::jsonb_text(d)),
+            pgrx::fcinfo::pg_getarg::<JsonB>(fcinfo, first + 4),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, first + 5),
         )
     };
     let checked = check_or_raise(settings::with_topic_template(|t| {
@@ -174,7 +210,6 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
         .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
     }));
     let (aggregate_type, aggregate_id, event_type, headers, topic) = checked;
-    let id = uuid::Uuid::now_v7().into_bytes();
     let ev = Event {
         id,
         aggregate_type,
@@ -202,7 +237,6 @@ pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) ->
     pgrx::Uuid::from_bytes(id).into_datum().unwrap_or(pg_sys::Datum::from(0))
 }
 
-crate::ffi::function_info_v1!(pg_finfo_outbox_emit);
 
 /// BEFORE INSERT row trigger on the outbox table: the same checks as
 /// `outbox_emit()`, so a row the relay could not publish is refused at

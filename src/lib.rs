@@ -15,6 +15,7 @@
 
 use pgrx::prelude::*;
 
+mod dead_letter;
 mod emit;
 mod errors;
 mod ffi;
@@ -25,6 +26,7 @@ mod publisher;
 mod row;
 mod settings;
 mod shmem;
+mod slot;
 mod worker;
 
 pgrx::pg_module_magic!();

@@ -7,7 +7,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::errors::raise;
-use crate::shmem;
+use crate::{settings, shmem, slot};
 
 fn relay_shared() -> &'static shmem::Shared {
     shmem::shared().unwrap_or_else(|| {
@@ -57,18 +57,26 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
 
 crate::ffi::function_info_v1!(pg_finfo_outbox_drain);
 
-/// `outbox_relay_status()`: the worker's shared-memory status, read without
-/// locks. (The operations view builds on it.)
+/// `outbox_relay_status()`: the worker's shared-memory status (read without
+/// locks, so reading it never blocks the worker) and the slot's positions.
+/// The `outbox_status` view selects it.
 #[pg_extern(volatile, parallel_safe)]
 fn outbox_relay_status() -> TableIterator<
     'static,
     (
         name!(pid, Option<i32>),
         name!(state, String),
-        name!(confirmed_lsn, String),
+        name!(slot_name, String),
+        name!(confirmed_lsn, Option<String>),
+        name!(lag_bytes, Option<i64>),
+        name!(lag_seconds, f64),
+        name!(retained_wal_bytes, Option<i64>),
+        name!(max_retained_wal_bytes, Option<i64>),
         name!(events_published, i64),
+        name!(bytes_published, i64),
         name!(events_in_flight, i64),
-        name!(oldest_unacked_commit_age_ms, Option<i64>),
+        name!(retries, i64),
+        name!(dead_letters, i64),
         name!(worker_starts, i64),
         name!(peak_rss_kb, i64),
         name!(broker_reachable, bool),
@@ -80,18 +88,33 @@ fn outbox_relay_status() -> TableIterator<
     let s = shared.snapshot();
     // One read: message and time from the same write.
     let error = shared.last_error();
-    let age = (s.oldest_unacked_commit_time != 0).then(|| {
-        // SAFETY: GetCurrentTimestamp only reads the clock.
-        let now = unsafe { pg_sys::GetCurrentTimestamp() };
-        (now - s.oldest_unacked_commit_time) / 1000
-    });
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let lag_seconds = if s.oldest_unacked_commit_time != 0 {
+        (now - s.oldest_unacked_commit_time).max(0) as f64 / 1e6
+    } else {
+        0.0
+    };
+    let name = settings::slot_name();
+    // The slot is the truth for positions; the worker's copy serves when
+    // the slot is gone.
+    let info = slot::find(&name).filter(|i| !i.invalidated);
+    let confirmed = info.as_ref().map_or(s.confirmed_lsn, |i| i.confirmed_flush);
+    let insert = slot::insert_lsn();
     TableIterator::once((
         (s.pid != 0).then_some(s.pid),
         s.state.name().to_owned(),
-        outbox_core::lsn::format(s.confirmed_lsn),
+        name,
+        (confirmed != 0).then(|| outbox_core::lsn::format(confirmed)),
+        (confirmed != 0).then(|| insert.saturating_sub(confirmed) as i64),
+        lag_seconds,
+        info.as_ref().map(|i| slot::retained(i) as i64),
+        settings::max_retained_wal().map(|b| b as i64),
         s.events_published as i64,
+        s.bytes_published as i64,
         s.in_flight as i64,
-        age,
+        s.retries as i64,
+        s.dead_letters as i64,
         s.starts as i64,
         s.peak_rss_kb as i64,
         s.broker_up,
@@ -140,6 +163,19 @@ extension_sql!(
     r#"
 REVOKE ALL ON FUNCTION outbox_relay_resume() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_relay_latency_reset() FROM PUBLIC;
+
+-- The operations view. Readable by superusers and pg_monitor: it holds no
+-- secret (no settings values besides the slot name and the WAL limit), but
+-- errors name topics and event ids.
+CREATE VIEW outbox_status AS SELECT * FROM outbox_relay_status();
+COMMENT ON VIEW outbox_status IS 'The outbox relay: state, lag, counters, last error (from shared memory, lock-free)';
+REVOKE ALL ON FUNCTION outbox_relay_status() FROM PUBLIC;
+REVOKE ALL ON FUNCTION outbox_relay_latency() FROM PUBLIC;
+REVOKE ALL ON outbox_status FROM PUBLIC;
+GRANT USAGE ON SCHEMA @extschema@ TO pg_monitor;
+GRANT EXECUTE ON FUNCTION outbox_relay_status() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION outbox_relay_latency() TO pg_monitor;
+GRANT SELECT ON outbox_status TO pg_monitor;
 "#,
     name = "ops_privileges",
     finalize

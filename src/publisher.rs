@@ -19,6 +19,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::Message;
 
 use outbox_core::confirm::TxnSeq;
+
+use crate::dead_letter::Letter;
 use outbox_core::{format_uuid, time};
 
 /// Properties the relay sets itself and refuses to let a user override.
@@ -32,6 +34,8 @@ pub const FIXED: [(&str, &str); 4] = [
 /// One delivery report, as the worker needs it.
 pub struct Report {
     pub seq: TxnSeq,
+    /// Key + value bytes of the delivered record.
+    pub bytes: u64,
     /// Kafka's reason, the topic and the event id, when delivery failed.
     pub error: Option<Rejected>,
 }
@@ -43,6 +47,8 @@ pub struct Rejected {
     pub event_id: String,
     /// Retrying cannot fix it (see `outbox_core::kafka_errors`).
     pub permanent: bool,
+    /// The event itself, for the dead-letter table.
+    pub letter: Option<Box<Letter>>,
 }
 
 fn permanent(e: &KafkaError) -> bool {
@@ -59,26 +65,53 @@ impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, r: &DeliveryResult<'_>, seq: usize) {
-        let error = match r {
-            Ok(_) => None,
-            Err((e, msg)) => Some(Rejected {
-                reason: e.to_string(),
-                topic: msg.topic().to_owned(),
-                event_id: header_value(msg, "id"),
-                permanent: permanent(e),
-            }),
+        let (error, bytes) = match r {
+            Ok(msg) => (None, (msg.key_len() + msg.payload_len()) as u64),
+            Err((e, msg)) => {
+                let letter = letter_of(msg);
+                let rej = Rejected {
+                    reason: e.to_string(),
+                    topic: msg.topic().to_owned(),
+                    event_id: letter.id.clone(),
+                    permanent: permanent(e),
+                    letter: Some(Box::new(letter)),
+                };
+                (Some(rej), 0)
+            }
         };
         if let Ok(mut v) = self.reports.lock() {
-            v.push(Report { seq: seq as TxnSeq, error });
+            v.push(Report { seq: seq as TxnSeq, bytes, error });
         }
     }
 }
 
-fn header_value<M: Message>(msg: &M, name: &str) -> String {
+/// The event back out of a record the relay built (see `Publisher::send`);
+/// the commit time is the caller's to fill in (the record keeps milliseconds).
+fn letter_of<M: Message>(msg: &M) -> Letter {
     use rdkafka::message::Headers;
-    msg.headers()
-        .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
-        .unwrap_or_default()
+    let text = |b: Option<&[u8]>| b.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+    let mut l = Letter {
+        id: String::new(),
+        aggregate_type: String::new(),
+        aggregate_id: text(msg.key()),
+        event_type: String::new(),
+        payload: text(msg.payload()),
+        headers: Vec::new(),
+        topic: Some(msg.topic().to_owned()),
+        commit_time: 0,
+    };
+    if let Some(hs) = msg.headers() {
+        for h in hs.iter() {
+            let v = text(h.value);
+            match h.key {
+                "id" => l.id = v,
+                "type" => l.event_type = v,
+                "aggregatetype" => l.aggregate_type = v,
+                k => l.headers.push((k.to_owned(), v)),
+            }
+        }
+    }
+    l
 }
 
 pub enum TopicError {
@@ -241,12 +274,23 @@ impl Publisher {
                     wait(self);
                 }
                 Err((e, _)) => {
+                    let letter = Letter {
+                        id: id_text.clone(),
+                        aggregate_type: aggregate_type.to_owned(),
+                        aggregate_id: key.to_owned(),
+                        event_type: event_type.to_owned(),
+                        payload: payload.to_owned(),
+                        headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                        topic: Some(topic.to_owned()),
+                        commit_time: commit_time_pg,
+                    };
                     return Err(SendError::Rejected(Rejected {
                         reason: e.to_string(),
                         topic: topic.to_owned(),
                         permanent: permanent(&e),
                         event_id: id_text,
-                    }))
+                        letter: Some(Box::new(letter)),
+                    }));
                 }
             }
         }

@@ -21,6 +21,7 @@ static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::n
 static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"localhost:9092"));
 static KAFKA_PROPERTIES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static KAFKA_PROPERTIES_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 static TOPIC_TEMPLATE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.${aggregatetype}"));
 static MAX_EVENT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_EVENT_BYTES);
@@ -74,6 +75,18 @@ pub fn init() {
             None,
         );
         GucRegistry::define_string_guc_with_hooks(
+            c"outbox.kafka_properties_file",
+            c"File of extra librdkafka properties, key=value per line: the place for passwords.",
+            c"Reloadable. Absolute path, read by the server's OS user. Members of pg_read_all_settings (pg_monitor) \
+              can read every setting, outbox.kafka_properties included, but not this file.",
+            &KAFKA_PROPERTIES_FILE,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_kafka_properties_file),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
             c"outbox.topic_template",
             c"Kafka topic of an event without an explicit topic; ${aggregatetype} and ${type} are replaced.",
             c"Reloadable: read by outbox_emit() for each event. The default matches Debezium's Outbox Event Router.",
@@ -116,10 +129,24 @@ pub fn bootstrap_servers() -> String {
     string(&BOOTSTRAP_SERVERS)
 }
 
-/// The parsed librdkafka properties; the check hook has already refused any
-/// value that does not parse.
-pub fn kafka_properties() -> Vec<(String, String)> {
-    kafka_props::parse(&string(&KAFKA_PROPERTIES)).unwrap_or_default()
+/// The librdkafka properties of the setting and of the file. The check hooks
+/// refused values that do not parse; the file may have changed since, so
+/// its errors are returned (naming the file, never a value).
+pub fn kafka_properties() -> Result<Vec<(String, String)>, String> {
+    let setting = kafka_props::parse(&string(&KAFKA_PROPERTIES)).unwrap_or_default();
+    let file = read_properties_file(&string(&KAFKA_PROPERTIES_FILE))?;
+    kafka_props::merge(setting, file)
+}
+
+fn read_properties_file(path: &str) -> Result<Vec<(String, String)>, String> {
+    if path.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !path.starts_with('/') {
+        return Err(format!("outbox.kafka_properties_file \"{path}\" must be an absolute path"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read outbox.kafka_properties_file \"{path}\": {e}"))?;
+    kafka_props::parse_file(&text).map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))
 }
 
 pub fn max_event_bytes() -> usize {
@@ -204,6 +231,21 @@ unsafe extern "C-unwind" fn check_kafka_properties(
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn check_kafka_properties_file(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        match read_properties_file(new_value(newval)) {
+            Ok(_) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
+
+#[pg_guard]
 unsafe extern "C-unwind" fn check_topic_template(
     newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
@@ -225,6 +267,20 @@ static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
 static DELETE_PUBLISHED_ROWS: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RELAY_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static SAVE_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(200);
+static ON_REJECTED_EVENT: GucSetting<OnRejected> = GucSetting::<OnRejected>::new(OnRejected::DeadLetter);
+static MAX_RETAINED_WAL_MB: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+
+/// What the relay does with an event Kafka rejects for a reason retrying
+/// cannot fix (too large, invalid or missing topic, not authorised).
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OnRejected {
+    /// Move it, with the reason, to the dead-letter table and go on.
+    #[name = c"dead_letter"]
+    DeadLetter,
+    /// Stop publishing with the slot's position held before it.
+    #[name = c"stop"]
+    Stop,
+}
 
 /// The relay's settings, defined after the core ones in `init`.
 pub fn init_relay() {
@@ -285,6 +341,32 @@ pub fn init_relay() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_enum_guc(
+        c"outbox.on_rejected_event",
+        c"What the relay does with an event Kafka rejects for good: dead_letter or stop.",
+        c"Reloadable. dead_letter (default) moves the event and the reason to the outbox_dead_letter table and \
+          keeps publishing (later events of the same aggregate overtake it); stop holds the slot's position \
+          before it until the cause is fixed and the relay resumed.",
+        &ON_REJECTED_EVENT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    // SAFETY: the check hook is a #[pg_guard] function.
+    unsafe { GucRegistry::define_int_guc_with_hooks(
+        c"outbox.max_retained_wal",
+        c"Most WAL the outbox slot may hold back (from its restart_lsn) before new events are refused; -1: no limit.",
+        c"Reloadable. Past it, outbox_emit() and inserts into the outbox table fail, so back-pressure reaches the \
+          application instead of the slot being invalidated or the disk filling. Other writes still add WAL: \
+          this protects the events, not the disk. The relay warns at 50, 75 and 90 %.",
+        &MAX_RETAINED_WAL_MB,
+        -1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+        Some(check_max_retained_wal),
+        None,
+        None,
+    ) };
     GucRegistry::define_bool_guc(
         c"outbox.delete_published_rows",
         c"Whether the relay deletes outbox table rows once Kafka acknowledged them.",
@@ -315,6 +397,16 @@ pub fn topic_replication_factor() -> i32 {
 pub fn linger_ms() -> u32 {
     LINGER_MS.get().max(0) as u32
 }
+pub fn on_rejected_event() -> OnRejected {
+    ON_REJECTED_EVENT.get()
+}
+
+/// The WAL guard's limit in bytes; None when off.
+pub fn max_retained_wal() -> Option<u64> {
+    let mb = MAX_RETAINED_WAL_MB.get();
+    (mb >= 0).then(|| mb as u64 * 1024 * 1024)
+}
+
 pub fn delete_published_rows() -> bool {
     DELETE_PUBLISHED_ROWS.get()
 }
@@ -322,11 +414,26 @@ pub fn delete_published_rows() -> bool {
 /// The settings the producer is built from: a change on reload means the
 /// worker must rebuild it.
 pub fn producer_fingerprint() -> String {
-    format!(
-        "{}\u{1}{}\u{1}{}\u{1}{}",
-        bootstrap_servers(),
-        string(&KAFKA_PROPERTIES),
-        max_event_bytes(),
-        linger_ms()
-    )
+    // The file's content, not only its name: editing it and reloading
+    // rebuilds the producer. Hashed so no secret sits in a plain string.
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{:?}", kafka_properties()).hash(&mut h);
+    format!("{}\u{1}{}\u{1}{}\u{1}{:x}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_max_retained_wal(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the GUC machinery passes a valid pointer to the new value.
+    if unsafe { *newval } == 0 {
+        // SAFETY: see check_failed.
+        return unsafe {
+            check_failed("0 would refuse every event (a slot always retains some WAL); use -1 for no limit, or a size such as 16GB")
+        };
+    }
+    true
 }

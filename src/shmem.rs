@@ -25,6 +25,9 @@ pub enum State {
     StoppedOnBadEvent = 4,
     /// `outbox.relay_enabled = off`.
     Disabled = 5,
+    /// Postgres invalidated the slot (max_slot_wal_keep_size); the worker
+    /// waits for an operator to drop it, then creates a new one.
+    SlotInvalidated = 6,
 }
 
 impl State {
@@ -36,6 +39,7 @@ impl State {
             State::WaitingForBroker => "waiting for broker",
             State::StoppedOnBadEvent => "stopped on bad event",
             State::Disabled => "disabled",
+            State::SlotInvalidated => "slot invalidated",
         }
     }
 
@@ -46,6 +50,7 @@ impl State {
             3 => State::WaitingForBroker,
             4 => State::StoppedOnBadEvent,
             5 => State::Disabled,
+            6 => State::SlotInvalidated,
             _ => State::NotRunning,
         }
     }
@@ -59,6 +64,13 @@ pub struct Shared {
     /// Position confirmed to the slot: everything committed before it is acknowledged by Kafka.
     confirmed_lsn: AtomicU64,
     events_published: AtomicU64,
+    /// Key + value bytes of the events published.
+    bytes_published: AtomicU64,
+    /// Transient failures retried: stream restarts after a failed delivery,
+    /// metadata requests the broker did not answer.
+    retries: AtomicU64,
+    /// Events moved to the dead-letter table.
+    dead_letters: AtomicU64,
     in_flight: AtomicU64,
     /// Commit time (µs since 2000) of the oldest unacknowledged commit, 0 if none.
     oldest_unacked_commit_time: AtomicI64,
@@ -87,6 +99,9 @@ impl Default for Shared {
             state: AtomicU32::new(0),
             confirmed_lsn: AtomicU64::new(0),
             events_published: AtomicU64::new(0),
+            bytes_published: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            dead_letters: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             oldest_unacked_commit_time: AtomicI64::new(0),
             restarts: AtomicU64::new(0),
@@ -158,8 +173,17 @@ impl Shared {
         self.confirmed_lsn.load(Ordering::Acquire)
     }
 
-    pub fn add_published(&self, n: u64) {
-        self.events_published.fetch_add(n, Ordering::Relaxed);
+    pub fn add_published(&self, events: u64, bytes: u64) {
+        self.events_published.fetch_add(events, Ordering::Relaxed);
+        self.bytes_published.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add_dead_letters(&self, n: u64) {
+        self.dead_letters.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn set_in_flight(&self, n: u64, oldest_commit_time: i64) {
@@ -248,6 +272,9 @@ impl Shared {
             state: self.state(),
             confirmed_lsn: self.confirmed(),
             events_published: self.events_published.load(Ordering::Relaxed),
+            bytes_published: self.bytes_published.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             oldest_unacked_commit_time: self.oldest_unacked_commit_time.load(Ordering::Relaxed),
             starts: self.restarts.load(Ordering::Relaxed),
@@ -275,6 +302,9 @@ pub struct Snapshot {
     pub state: State,
     pub confirmed_lsn: u64,
     pub events_published: u64,
+    pub bytes_published: u64,
+    pub retries: u64,
+    pub dead_letters: u64,
     pub in_flight: u64,
     pub oldest_unacked_commit_time: i64,
     pub starts: u64,

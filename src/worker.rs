@@ -27,13 +27,15 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use outbox_core::confirm::Tracker;
+use outbox_core::confirm::{Tracker, TxnSeq};
 use outbox_core::decoded;
-use outbox_core::lsn;
+use outbox_core::{lsn, wal_guard};
 
+use crate::dead_letter;
 use crate::ffi;
 use crate::publisher::{Publisher, Rejected, SendError, TopicCreation, TopicError};
 use crate::settings;
+use crate::slot;
 use crate::shmem::{self, Shared, State};
 
 /// Safety-net wake-up when nothing sets the latch: bounds the latency of
@@ -84,8 +86,9 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
     set_state(shared, State::Starting, None);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    wait_until_enabled(shared);
     let slot = settings::slot_name();
+    wait_until_enabled(shared, &slot);
+    wait_while_invalidated(shared, &slot);
     ensure_slot(&slot);
     let mut relay = Relay::start(shared, &slot);
     relay.run();
@@ -93,18 +96,51 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
 
 /// With `outbox.relay_enabled = off` the worker stays up but touches
 /// nothing (the slot is free for maintenance) until a reload turns it on.
-fn wait_until_enabled(shared: &Shared) {
+/// It still warns when the WAL the slot holds back nears the guard's limit.
+fn wait_until_enabled(shared: &Shared, slot: &str) {
+    let mut watch = wal_guard::Watch::default();
     while !settings::relay_enabled() {
         set_state(shared, State::Disabled, Some("outbox.relay_enabled = off"));
-        // SIGHUP and SIGTERM set the latch.
-        shmem::wait_latch(1000);
-        pg_sys::check_for_interrupts!();
-        // SAFETY: as in every Postgres main loop.
-        unsafe {
-            if pg_sys::ConfigReloadPending != 0 {
-                pg_sys::ConfigReloadPending = 0;
-                pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
-            }
+        if let Some(info) = slot::find(slot) {
+            watch_wal(&mut watch, slot::retained(&info));
+        }
+        idle(1000);
+    }
+}
+
+/// A slot Postgres invalidated cannot be read from: say so once, with the
+/// recovery steps, and wait until an operator drops it (a new slot is then
+/// created), instead of failing and restarting every second.
+fn wait_while_invalidated(shared: &Shared, slot: &str) {
+    let mut reported = false;
+    while slot::find(slot).is_some_and(|i| i.invalidated) {
+        if !reported {
+            let msg = format!(
+                "replication slot \"{slot}\" has been invalidated: Postgres removed WAL it still needed \
+                 (max_slot_wal_keep_size), so events committed after its last confirmed position cannot be \
+                 decoded any more. Follow the README's runbook (\"The slot was invalidated\"), then \
+                 SELECT pg_drop_replication_slot('{slot}'); the relay creates a new slot and publishes what \
+                 commits from then on"
+            );
+            warning!("outbox relay: {msg}");
+            shared.set_error(&msg);
+            reported = true;
+        }
+        set_state(shared, State::SlotInvalidated, Some("waiting for the slot to be dropped"));
+        idle(1000);
+    }
+}
+
+/// Waits on the latch (SIGHUP and SIGTERM set it), then serves interrupts
+/// and a configuration reload.
+fn idle(ms: i64) {
+    shmem::wait_latch(ms);
+    pg_sys::check_for_interrupts!();
+    // SAFETY: as in every Postgres main loop.
+    unsafe {
+        if pg_sys::ConfigReloadPending != 0 {
+            pg_sys::ConfigReloadPending = 0;
+            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
     }
 }
@@ -159,21 +195,96 @@ struct Sink {
     /// Events whose delivery failed: no longer in flight, never acknowledged
     /// (so the slot is never confirmed past them).
     failed: u64,
+    /// Key + value bytes acknowledged since the last settle.
+    published_bytes: u64,
+    /// Rejected events to write to the dead-letter table at the next settle.
+    dead: Vec<dead_letter::Pending>,
+}
+
+/// An event that could not be published, with what the Sink needs to
+/// dead-letter it or stop before it.
+struct Failure {
+    seq: TxnSeq,
+    rej: Rejected,
+    commit_lsn: u64,
+    commit_time: i64,
+    /// Failed in a delivery report (it was counted in `Sink::failed`).
+    from_report: bool,
+}
+
+/// The event as the dead-letter table keeps it.
+fn letter_of(d: &decoded::DecodedEvent<'_>, topic: Option<&str>) -> dead_letter::Letter {
+    let ev = &d.event;
+    dead_letter::Letter {
+        id: outbox_core::format_uuid(&ev.id),
+        aggregate_type: ev.aggregate_type.to_owned(),
+        aggregate_id: ev.aggregate_id.to_owned(),
+        event_type: ev.event_type.to_owned(),
+        payload: ev.payload.to_owned(),
+        headers: ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        topic: topic.map(str::to_owned),
+        commit_time: d.commit_time,
+    }
 }
 
 impl Sink {
     fn apply_reports(&mut self, wait: Duration) {
         let reports = self.publisher.poll(wait);
-        let mut acks = Acks { tracker: &mut self.tracker, shared: self.shared, published: &mut self.published,
-                              last_ack: &mut self.last_ack, failed: &mut self.failed };
+        let mut acks = self.acks();
         let rejected = acks.apply(reports);
-        for (rej, lsn) in rejected {
-            self.stop(rej, lsn);
+        for f in rejected {
+            self.reject(f);
         }
+    }
+
+    fn acks(&mut self) -> Acks<'_> {
+        Acks {
+            tracker: &mut self.tracker,
+            shared: self.shared,
+            published: &mut self.published,
+            bytes: &mut self.published_bytes,
+            last_ack: &mut self.last_ack,
+            failed: &mut self.failed,
+        }
+    }
+
+    /// An event that cannot be published: a transient failure restarts the
+    /// stream; a permanent one is dead-lettered or stops the relay
+    /// (outbox.on_rejected_event).
+    fn reject(&mut self, mut f: Failure) {
+        let dead_letter = settings::on_rejected_event() == settings::OnRejected::DeadLetter;
+        if f.rej.permanent && dead_letter {
+            if let Some(letter) = f.rej.letter.take() {
+                let mut letter = *letter;
+                if letter.commit_time == 0 {
+                    letter.commit_time = f.commit_time;
+                }
+                let msg = format!(
+                    "Kafka rejected event {} (transaction committed at {}) for topic \"{}\": {}; \
+                     moved to the dead-letter table, publishing goes on",
+                    f.rej.event_id,
+                    lsn::format(f.commit_lsn),
+                    f.rej.topic,
+                    f.rej.reason
+                );
+                warning!("outbox relay: {msg}");
+                self.shared.set_error(&msg);
+                self.dead.push(dead_letter::Pending {
+                    seq: f.seq,
+                    commit_lsn: f.commit_lsn,
+                    reason: f.rej.reason,
+                    letter,
+                    from_report: f.from_report,
+                });
+                return;
+            }
+        }
+        self.stop(f.rej, f.commit_lsn);
     }
 
     fn stop(&mut self, rej: Rejected, commit_lsn: u64) {
         if self.stopped.is_none() && !rej.permanent {
+            self.shared.add_retry();
             let msg = format!(
                 "Kafka failed to deliver event {} (transaction committed at {}) to topic \"{}\": {}; \
                  restarting the stream from the confirmed position {} (events after it are sent again, none skipped)",
@@ -247,8 +358,9 @@ impl Sink {
                     topic: String::new(),
                     event_id: outbox_core::format_uuid(&ev.id),
                     permanent: true,
+                    letter: Some(Box::new(letter_of(&d, None))),
                 };
-                self.stop(rej, d.commit_lsn);
+                self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
                 return;
             }
         };
@@ -262,12 +374,14 @@ impl Sink {
             match self.publisher.ensure_topic(&topic, &creation) {
                 Ok(()) => break,
                 Err(TopicError::Missing(reason)) => {
-                    let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id), permanent: true };
-                    self.stop(rej, d.commit_lsn);
+                    let letter = Some(Box::new(letter_of(&d, Some(&topic))));
+                    let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id), permanent: true, letter };
+                    self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
                     return;
                 }
                 Err(TopicError::Unreachable(reason)) => {
                     // The broker cannot be asked: wait and ask again, never skip.
+                    self.shared.add_retry();
                     self.shared.set_broker_up(false);
                     self.shared.set_error(&reason);
                     set_state(self.shared, State::WaitingForBroker, Some(&reason));
@@ -276,8 +390,8 @@ impl Sink {
                 }
             }
         }
-        let Sink { publisher, tracker, published, last_ack, failed, shared, .. } = self;
-        let mut acks = Acks { tracker, shared, published, last_ack, failed };
+        let Sink { publisher, tracker, published, published_bytes, last_ack, failed, shared, .. } = self;
+        let mut acks = Acks { tracker, shared, published, bytes: published_bytes, last_ack, failed };
         let mut pending_errors = Vec::new();
         let res = publisher.send(
             seq,
@@ -296,11 +410,11 @@ impl Sink {
                 pg_sys::check_for_interrupts!();
             },
         );
-        for (rej, l) in pending_errors {
-            self.stop(rej, l);
+        for f in pending_errors {
+            self.reject(f);
         }
         if let Err(SendError::Rejected(rej)) = res {
-            self.stop(rej, d.commit_lsn);
+            self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
         }
     }
 }
@@ -311,24 +425,27 @@ struct Acks<'a> {
     tracker: &'a mut Tracker,
     shared: &'static Shared,
     published: &'a mut u64,
+    bytes: &'a mut u64,
     last_ack: &'a mut Instant,
     failed: &'a mut u64,
 }
 
 impl Acks<'_> {
-    /// Applies the reports; returns the failed ones with their commit LSN.
-    fn apply(&mut self, reports: Vec<crate::publisher::Report>) -> Vec<(Rejected, u64)> {
+    /// Applies the reports; returns the failed ones.
+    fn apply(&mut self, reports: Vec<crate::publisher::Report>) -> Vec<Failure> {
         let mut rejected = Vec::new();
         for r in reports {
             match r.error {
                 None => {
                     note_latency(self.shared, self.tracker.acked(r.seq));
                     *self.published += 1;
+                    *self.bytes += r.bytes;
                     *self.last_ack = Instant::now();
                 }
                 Some(rej) => {
                     *self.failed += 1;
-                    rejected.push((rej, self.tracker.commit_lsn_of(r.seq).unwrap_or(0)));
+                    let (commit_lsn, commit_time) = self.tracker.commit_of(r.seq).unwrap_or((0, 0));
+                    rejected.push(Failure { seq: r.seq, rej, commit_lsn, commit_time, from_report: true });
                 }
             }
         }
@@ -343,6 +460,35 @@ fn note_latency(shared: &Shared, commit_time: Option<i64>) {
         // SAFETY: GetCurrentTimestamp only reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         shared.record_latency((now - t).max(0) as u64);
+    }
+}
+
+/// The reader's page callback: Postgres' read_local_xlog_page, except that
+/// WAL needed beyond the flush position is flushed rather than waited for.
+/// The loop reads only records that begin before the flush position, but
+/// one may end past it: WAL with no commit behind it (page pruning, a
+/// running-xacts record) can sit in a partly filled page until something
+/// flushes it, and read_local_xlog_page would sleep until then, stalling
+/// delivery reports and the status for as long (seen: over 10 s on an idle
+/// server). A record's whole range is reserved when it is inserted, so
+/// these bytes exist; flushing them is what the next commit would do.
+#[pg_guard]
+unsafe extern "C-unwind" fn read_page(
+    state: *mut pg_sys::XLogReaderState,
+    target_page_ptr: pg_sys::XLogRecPtr,
+    req_len: std::ffi::c_int,
+    target_rec_ptr: pg_sys::XLogRecPtr,
+    cur_page: *mut std::ffi::c_char,
+) -> std::ffi::c_int {
+    let needed = target_page_ptr + req_len.max(0) as u64;
+    // SAFETY: GetFlushRecPtr and GetXLogInsertRecPtr read shared state;
+    // XLogFlush of inserted WAL is what any commit does;
+    // read_local_xlog_page gets the reader's own arguments.
+    unsafe {
+        if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
+            pg_sys::XLogFlush(needed.min(pg_sys::GetXLogInsertRecPtr()));
+        }
+        ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
     }
 }
 
@@ -384,10 +530,11 @@ struct Relay {
     last_save: Instant,
     last_rss: Instant,
     extension_schema: Option<String>,
+    wal_watch: wal_guard::Watch,
 }
 
 fn build_publisher() -> Publisher {
-    let props = settings::kafka_properties();
+    let props = settings::kafka_properties().unwrap_or_else(|e| error!("outbox relay: {e}"));
     match Publisher::new(&settings::bootstrap_servers(), &props, settings::max_event_bytes(), settings::linger_ms()) {
         Ok((p, ignored)) => {
             for k in ignored {
@@ -412,6 +559,8 @@ impl Relay {
             published: 0,
             restart_at: None,
             failed: 0,
+            published_bytes: 0,
+            dead: Vec::new(),
         });
         let cslot = CString::new(slot).unwrap_or_default();
         // SAFETY: the decoding context is created once, outside a
@@ -429,7 +578,7 @@ impl Relay {
             );
             let options = pg_sys::lappend(std::ptr::null_mut(), opt.cast());
             let mut routine = pg_sys::XLogReaderRoutine {
-                page_read: Some(ffi::c_read_local_xlog_page),
+                page_read: Some(read_page),
                 segment_open: Some(ffi::c_wal_segment_open),
                 segment_close: Some(ffi::c_wal_segment_close),
             };
@@ -459,6 +608,7 @@ impl Relay {
             last_save: Instant::now(),
             last_rss: Instant::now() - Duration::from_secs(10),
             extension_schema: None,
+            wal_watch: wal_guard::Watch::default(),
         };
         // SAFETY: the Box's heap address is stable while the relay lives.
         unsafe { (*ctx).output_writer_private = (&mut *relay.sink as *mut Sink).cast() };
@@ -559,6 +709,9 @@ impl Relay {
     fn settle(&mut self) {
         // SAFETY: reading our own reader's position.
         let read_upto = unsafe { (*(*self.ctx).reader).EndRecPtr };
+        if !self.sink.dead.is_empty() {
+            self.store_dead_letters();
+        }
         let confirmable = self.sink.tracker.confirmable(read_upto);
         self.delete_published_rows(confirmable);
         if confirmable > self.confirmed {
@@ -586,7 +739,7 @@ impl Relay {
         let in_flight = self.sink.tracker.in_flight();
         let oldest = self.sink.commit_times.front().map_or(0, |(_, t)| *t);
         self.shared.set_in_flight(in_flight, oldest);
-        self.shared.add_published(std::mem::take(&mut self.sink.published));
+        self.shared.add_published(std::mem::take(&mut self.sink.published), std::mem::take(&mut self.sink.published_bytes));
         if self.sink.stopped.is_none() {
             let silent = in_flight > 0 && self.sink.last_ack.elapsed() >= BROKER_SILENCE;
             self.shared.set_broker_up(!silent);
@@ -601,19 +754,34 @@ impl Relay {
             if let Some(kb) = rss_kb() {
                 self.shared.note_rss(kb);
             }
+            // SAFETY: we hold the slot; restart_lsn is only moved by us.
+            let restart = unsafe { (*pg_sys::MyReplicationSlot).data.restart_lsn };
+            watch_wal(&mut self.wal_watch, slot::insert_lsn().saturating_sub(restart));
         }
     }
 
-    fn delete_published_rows(&mut self, confirmable: u64) {
-        let mut ids = Vec::new();
-        while self.sink.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
-            if let Some((_, id)) = self.sink.table_rows.pop_front() {
-                ids.push(id);
+    /// Writes the pending dead letters (committed), then counts their
+    /// events as settled so the slot may be confirmed past them.
+    fn store_dead_letters(&mut self) {
+        let Some(schema) = self.schema() else {
+            error!("outbox relay: cannot find the outbox extension's schema to write dead letters; is the extension installed in database \"{}\"?", settings::database());
+        };
+        let letters = std::mem::take(&mut self.sink.dead);
+        if let Err(e) = dead_letter::store(&schema, &letters) {
+            // Restarting re-reads the events from the confirmed position.
+            error!("outbox relay: could not write {} event(s) to the dead-letter table: {e}", letters.len());
+        }
+        for p in &letters {
+            self.sink.tracker.acked(p.seq);
+            if p.from_report {
+                self.sink.failed = self.sink.failed.saturating_sub(1);
             }
         }
-        if ids.is_empty() || !settings::delete_published_rows() {
-            return;
-        }
+        self.shared.add_dead_letters(letters.len() as u64);
+    }
+
+    /// The extension's schema, quoted, looked up once.
+    fn schema(&mut self) -> Option<String> {
         if self.extension_schema.is_none() {
             self.extension_schema = BackgroundWorker::transaction(|| {
                 Spi::connect(|c| {
@@ -630,7 +798,20 @@ impl Relay {
             .ok()
             .flatten();
         }
-        let Some(schema) = self.extension_schema.clone() else { return };
+        self.extension_schema.clone()
+    }
+
+    fn delete_published_rows(&mut self, confirmable: u64) {
+        let mut ids = Vec::new();
+        while self.sink.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
+            if let Some((_, id)) = self.sink.table_rows.pop_front() {
+                ids.push(id);
+            }
+        }
+        if ids.is_empty() || !settings::delete_published_rows() {
+            return;
+        }
+        let Some(schema) = self.schema() else { return };
         for chunk in ids.chunks(1000) {
             let list: Vec<String> = chunk.iter().map(|id| format!("'{}'", outbox_core::format_uuid(id))).collect();
             let sql = format!("DELETE FROM {schema}.outbox WHERE id IN ({})", list.join(","));
@@ -638,6 +819,24 @@ impl Relay {
                 error!("outbox relay: could not delete published outbox rows: {e}")
             });
         }
+    }
+}
+
+/// Logs each crossing of the WAL guard's fractions once.
+fn watch_wal(watch: &mut wal_guard::Watch, retained: u64) {
+    let limit = settings::max_retained_wal();
+    let v = wal_guard::verdict(retained, limit);
+    let (r, l) = (wal_guard::format_bytes(retained), wal_guard::format_bytes(limit.unwrap_or(0)));
+    match watch.observe(v) {
+        wal_guard::Change::Rose(100) => warning!(
+            "outbox relay: the slot retains {r} of WAL, past outbox.max_retained_wal ({l}): new events are refused \
+             until the backlog is published"
+        ),
+        wal_guard::Change::Rose(p) => warning!(
+            "outbox relay: the slot retains {r} of WAL, {p} % of outbox.max_retained_wal ({l}); at 100 % new events are refused"
+        ),
+        wal_guard::Change::Cleared => log!("outbox relay: the slot retains {r} of WAL, back under half of outbox.max_retained_wal"),
+        wal_guard::Change::None => {}
     }
 }
 

@@ -36,6 +36,7 @@ def test_event_too_large_for_the_producer_stops_then_resumes_in_order(db, broker
     with db.connect() as c:
         emit(c, topic, "k", {"n": 0})
     rig.drain(db)
+    set_conf(db, "outbox.on_rejected_event", "stop")
     set_conf(db, "outbox.kafka_properties", "message.max.bytes=20000", restarts_relay=True)
     try:
         with db.connect() as c:
@@ -50,6 +51,7 @@ def test_event_too_large_for_the_producer_stops_then_resumes_in_order(db, broker
         assert [json.loads(m["value"])["n"] for m in broker.consume(topic, expect=1, timeout=5, linger=1)] == [0]
     finally:
         set_conf(db, "outbox.kafka_properties", None, restarts_relay=True)  # the fix + SIGHUP: resume
+        set_conf(db, "outbox.on_rejected_event", None)
     rig.drain(db)
     got = broker.consume(topic, expect=5, timeout=30, linger=1)
     assert [json.loads(m["value"])["n"] for m in got] == [0, 1, 2, 3, 4]
@@ -58,6 +60,7 @@ def test_event_too_large_for_the_producer_stops_then_resumes_in_order(db, broker
 
 def test_missing_topic_with_creation_off_stops_then_resumes(db, broker):
     topic = rig.unique_topic("nocreate")
+    set_conf(db, "outbox.on_rejected_event", "stop")
     set_conf(db, "outbox.topic_creation", "off")
     try:
         rig.wait_for("reload", lambda: db.connect().execute("SHOW outbox.topic_creation").fetchone()[0] == "off")
@@ -78,6 +81,7 @@ def test_missing_topic_with_creation_off_stops_then_resumes(db, broker):
         rig.drain(db)
     finally:
         set_conf(db, "outbox.topic_creation", None)
+        set_conf(db, "outbox.on_rejected_event", None)
     got = broker.consume(topic, expect=2, timeout=30, linger=1)
     assert [m["headers"]["id"] for m in got] == [str(first), str(second)]
 

@@ -190,9 +190,51 @@ def test_privileges_producer_role_only(db):
     assert sqlstate_of(prod, "SHOW outbox.kafka_properties").sqlstate == "42501"
     assert sqlstate_of(prod, "SELECT outbox_drain(1)").sqlstate == "42501"
     assert sqlstate_of(prod, "SELECT outbox_relay_resume()").sqlstate == "42501"
-    # Reading the status is harmless and leaks no secret.
-    assert prod.execute("SELECT state FROM outbox_relay_status()").fetchone()[0]
+    # Operations are not the producer's: status, dead letters, re-publishing.
+    assert sqlstate_of(prod, "SELECT * FROM outbox_status").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT * FROM outbox_dead_letter").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT outbox_dead_letter_republish()").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT outbox_emit_with_id(gen_random_uuid(), 'A', '1', 'T', '{}', '{}', NULL)").sqlstate == "42501"
     prod.close()
+
+
+def test_monitoring_role_reads_status_but_not_the_secrets_file(db):
+    """pg_monitor reads the status. It can read every setting (through
+    pg_read_all_settings), so secrets go in outbox.kafka_properties_file,
+    which it cannot read."""
+    secret = "s3cret-Pa55"
+    path = rig.RUN / "kafka-secrets.conf"
+    path.write_text(f"# relay credentials\nsasl.username = outbox\nsasl.password = {secret}\n")
+    rig.run(["chown", "postgres:postgres", str(path)])
+    path.chmod(0o600)
+    with db.connect() as c:
+        c.execute("DROP ROLE IF EXISTS monitor_user")
+        c.execute("CREATE ROLE monitor_user LOGIN IN ROLE pg_monitor")
+    from test_relay_limits import set_conf
+    set_conf(db, "outbox.kafka_properties_file", str(path), restarts_relay=True)
+    try:
+        mon = db.connect(user="monitor_user")
+        cur = mon.execute("SELECT * FROM outbox_status")
+        row = dict(zip([d.name for d in cur.description], cur.fetchone()))
+        assert row["state"] == "streaming" and row["slot_name"] == "outbox"
+        assert secret not in repr(row)
+        assert mon.execute("SELECT samples FROM outbox_relay_latency()").fetchone()[0] >= 0
+        settings = mon.execute("SELECT string_agg(name || '=' || coalesce(setting, ''), ' ') FROM pg_settings WHERE name LIKE 'outbox.%'").fetchone()[0]
+        assert str(path) in settings and secret not in settings
+        assert sqlstate_of(mon, "SELECT pg_read_file(%s)", (str(path),)).sqlstate == "42501"
+        assert sqlstate_of(mon, "SELECT outbox_relay_resume()").sqlstate == "42501"
+        assert sqlstate_of(mon, "SELECT * FROM outbox_dead_letter").sqlstate == "42501"
+        mon.close()
+        # The producer role cannot see the file's name either.
+        with db.connect() as c:
+            c.execute("DROP ROLE IF EXISTS producer_only")
+            c.execute("CREATE ROLE producer_only LOGIN IN ROLE outbox_producer")
+        prod = db.connect(user="producer_only")
+        assert sqlstate_of(prod, "SHOW outbox.kafka_properties_file").sqlstate == "42501"
+        prod.close()
+    finally:
+        set_conf(db, "outbox.kafka_properties_file", None, restarts_relay=True)
+        path.unlink()
 
 
 def test_settings_are_validated_and_the_prefix_is_reserved(db):
@@ -205,6 +247,10 @@ def test_settings_are_validated_and_the_prefix_is_reserved(db):
             ("outbox.kafka_properties", "linger.ms", "key=value"),
             ("outbox.slot_name", "Bad-Name", "lower-case"),
             ("outbox.max_event_bytes", "10", "outside the valid range"),
+            ("outbox.max_retained_wal", "0", "use -1 for no limit"),
+            ("outbox.on_rejected_event", "skip", "invalid value for parameter"),
+            ("outbox.kafka_properties_file", "/nonexistent/kafka.conf", "cannot read"),
+            ("outbox.kafka_properties_file", "relative.conf", "must be an absolute path"),
         ]:
             e = sqlstate_of(c, f"ALTER SYSTEM SET {name} = '{value}'")
             assert e.sqlstate == "22023" and message in str(e), (name, str(e))

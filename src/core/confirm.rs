@@ -123,8 +123,9 @@ impl Tracker {
         self.txns.front().map(|t| t.commit_lsn)
     }
 
-    pub fn commit_lsn_of(&self, seq: TxnSeq) -> Option<u64> {
-        seq.checked_sub(self.base).and_then(|i| self.txns.get(i as usize)).map(|t| t.commit_lsn)
+    /// Commit LSN and commit time of transaction `seq`, while it is tracked.
+    pub fn commit_of(&self, seq: TxnSeq) -> Option<(u64, i64)> {
+        seq.checked_sub(self.base).and_then(|i| self.txns.get(i as usize)).map(|t| (t.commit_lsn, t.commit_time))
     }
 }
 
@@ -196,8 +197,8 @@ mod tests {
         assert_eq!(t.in_flight(), 0);
         assert_eq!(t.confirmable(100), 100);
         let b = t.sent(200);
-        assert_eq!(t.commit_lsn_of(b), Some(200));
-        assert_eq!(t.commit_lsn_of(a), None);
+        assert_eq!(t.commit_of(b).map(|(l, _)| l), Some(200));
+        assert_eq!(t.commit_of(a), None);
     }
 
     /// Exhaustive check against a simple model: for every order of acks of a
@@ -210,7 +211,7 @@ mod tests {
         let mut order: Vec<usize> = (0..n).collect();
         // Heap's algorithm over all permutations of ack order.
         let mut c = vec![0usize; n];
-        let mut check = |order: &[usize]| {
+        let check = |order: &[usize]| {
             let mut t = Tracker::new();
             let seqs: Vec<TxnSeq> = events.iter().map(|&l| t.sent(l)).collect();
             t.seal();

@@ -16,6 +16,7 @@ pub mod message;
 pub mod time;
 pub mod topic;
 pub mod validate;
+pub mod wal_guard;
 
 /// The prefix of the transactional logical decoding messages `outbox_emit()` writes.
 pub const MESSAGE_PREFIX: &str = "outbox";

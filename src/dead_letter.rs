@@ -1,0 +1,77 @@
+//! Dead letters: events Kafka rejects for a reason retrying cannot fix (too
+//! large, invalid or missing topic, not authorised), kept with the reason in
+//! the `outbox_dead_letter` table when `outbox.on_rejected_event =
+//! dead_letter`, so the stream goes on. `outbox_dead_letter_republish()`
+//! (sql/outbox.sql) writes them again, with their ids, once the cause is fixed.
+//!
+//! The worker writes a letter in its own committed transaction before it
+//! counts the event as settled, so the slot is never confirmed past an event
+//! that is neither in Kafka nor in the table.
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+
+use outbox_core::confirm::TxnSeq;
+use outbox_core::lsn;
+
+/// The event, owned: what the table keeps to publish it again.
+#[derive(Debug, Clone)]
+pub struct Letter {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub headers: Vec<(String, String)>,
+    /// The topic it was routed to; None when no topic could be derived.
+    pub topic: Option<String>,
+    /// Commit time, µs since 2000-01-01 (Postgres' epoch).
+    pub commit_time: i64,
+}
+
+/// A letter waiting for the worker's next settle step.
+pub struct Pending {
+    pub seq: TxnSeq,
+    pub commit_lsn: u64,
+    pub reason: String,
+    pub letter: Letter,
+    /// It failed in a delivery report (counted as failed in flight).
+    pub from_report: bool,
+}
+
+/// Writes the letters in one transaction, committed on return. A letter
+/// already there (the worker restarted before confirming past it and Kafka
+/// rejected it again) gets the new reason and time.
+pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> {
+    let sql = format!(
+        "INSERT INTO {schema}.outbox_dead_letter
+             (id, aggregatetype, aggregateid, type, payload, headers, topic, reason, commit_lsn, committed_at)
+         VALUES ($1::uuid, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9::pg_lsn,
+                 '2000-01-01 00:00:00+00'::timestamptz + $10 * interval '1 microsecond')
+         ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, dead_lettered_at = now()"
+    );
+    BackgroundWorker::transaction(|| {
+        for p in letters {
+            let l = &p.letter;
+            let headers = serde_json::Value::Object(
+                l.headers.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
+            )
+            .to_string();
+            let args: [DatumWithOid; 10] = [
+                l.id.as_str().into(),
+                l.aggregate_type.as_str().into(),
+                l.aggregate_id.as_str().into(),
+                l.event_type.as_str().into(),
+                l.payload.as_str().into(),
+                headers.as_str().into(),
+                l.topic.as_deref().into(),
+                p.reason.as_str().into(),
+                lsn::format(p.commit_lsn).into(),
+                l.commit_time.into(),
+            ];
+            Spi::run_with_args(&sql, &args)?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,66 @@
+//! Reading the outbox slot's state from shared memory, for the checks
+//! `outbox_emit()` makes, the WAL guard and the status view.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+
+use outbox_core::wal_guard;
+
+use crate::settings;
+
+pub struct SlotInfo {
+    pub database: pg_sys::Oid,
+    pub plugin: String,
+    pub confirmed_flush: u64,
+    pub restart_lsn: u64,
+    /// Postgres removed WAL the slot needed (max_slot_wal_keep_size).
+    pub invalidated: bool,
+}
+
+/// The slot named `name`, if it exists.
+pub fn find(name: &str) -> Option<SlotInfo> {
+    let cname = CString::new(name).ok()?;
+    // SAFETY: SearchNamedReplicationSlot takes the control lock itself
+    // (need_lock = true). The returned slot lives in shared memory for the
+    // server's life; we read word-sized fields without its spinlock, which
+    // can only give a stale answer, never a torn one. Callers use it for
+    // checks and reports, never for the delivery guarantee (the relay holds
+    // the slot and reads its own fields).
+    unsafe {
+        let slot = pg_sys::SearchNamedReplicationSlot(cname.as_ptr(), true);
+        if slot.is_null() {
+            return None;
+        }
+        let d = &(*slot).data;
+        Some(SlotInfo {
+            database: d.database,
+            plugin: CStr::from_ptr(d.plugin.data.as_ptr()).to_string_lossy().into_owned(),
+            confirmed_flush: d.confirmed_flush,
+            restart_lsn: d.restart_lsn,
+            invalidated: d.restart_lsn == 0 && d.invalidated_at != 0,
+        })
+    }
+}
+
+/// The current WAL insert position (what a slot must eventually read up to).
+pub fn insert_lsn() -> u64 {
+    // SAFETY: reads shared WAL state under its own lock; valid in any
+    // backend. During recovery it is the replay position's neighbour and
+    // only used for reports.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
+/// WAL the slot holds back: insert position minus restart_lsn.
+pub fn retained(info: &SlotInfo) -> u64 {
+    if info.restart_lsn == 0 {
+        return 0;
+    }
+    insert_lsn().saturating_sub(info.restart_lsn)
+}
+
+/// The guard's verdict for the slot now.
+pub fn guard(info: &SlotInfo) -> (u64, wal_guard::Verdict) {
+    let r = retained(info);
+    (r, wal_guard::verdict(r, settings::max_retained_wal()))
+}
