@@ -45,7 +45,14 @@ pub extern "C-unwind" fn _PG_init() {
             FATAL!("outbox: {e}");
         }
         shmem::init();
-        worker::register();
+        // SAFETY: a plain global flag, set from the command line.
+        if unsafe { pg_sys::IsBinaryUpgrade } {
+            // pg_upgrade starts both servers: no relay there (it would
+            // create a slot in the half-built new cluster).
+            log!("outbox: binary upgrade mode; the relay worker does not start");
+        } else {
+            worker::register();
+        }
     } else {
         // Without preloading there is no relay: outbox_emit() says so.
         log!("outbox: loaded without shared_preload_libraries; the relay worker does not run");

@@ -64,6 +64,16 @@ pub fn register() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // SAFETY: runs before ProcKill releases the slot, so MyReplicationSlot
+    // is still ours if set. Marking it dirty (a flag under its spinlock, no
+    // I/O, safe while exiting) makes the shutdown checkpoint write the last
+    // confirmed position: a clean stop re-sends nothing, whatever the
+    // confirm_save_interval.
+    unsafe {
+        if !pg_sys::MyReplicationSlot.is_null() {
+            pg_sys::ReplicationSlotMarkDirty();
+        }
+    }
     if let Some(s) = shmem::shared() {
         s.detach_worker();
     }
