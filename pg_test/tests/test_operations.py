@@ -242,3 +242,25 @@ def test_invalidated_slot_is_reported_and_recovered_by_dropping_it(db, broker):
         new = rig.wait_for("the new slot to accept events", lambda: emit(c, topic, "k", {"n": 1}), timeout=30)
     rig.drain(db)
     assert [m["headers"]["id"] for m in broker.consume(topic, expect=1, timeout=30)] == [str(new)]
+
+
+def test_forged_messages_never_reach_kafka(db, broker):
+    """Any role may call pg_logical_emit_message(); a message with our prefix
+    that outbox_emit() did not sign is skipped by the relay, not published."""
+    topic = rig.unique_topic("forged")
+    with db.connect() as admin:
+        admin.execute("DROP ROLE IF EXISTS forger2")
+        admin.execute("CREATE ROLE forger2 LOGIN")
+        real = emit(admin, topic, "k", {"n": 1})
+    rig.drain(db)
+    before = status(db)["events_published"]
+    f = db.connect(user="forger2")
+    f.execute("SELECT pg_logical_emit_message(true, 'outbox', %s::bytea)", (b"\x01" + b"\x00" * 16 + b"\x11" * 40,))
+    f.execute("SELECT pg_logical_emit_message(true, 'outbox', 'forged text')")
+    f.close()
+    with db.connect() as admin:
+        after = emit(admin, topic, "k", {"n": 2})
+    rig.drain(db)
+    assert status(db)["events_published"] - before == 1
+    assert [m["headers"]["id"] for m in broker.consume(topic, expect=2, timeout=30, linger=1)] == [str(real), str(after)]
+    assert "authentication failed" in db.log_text()
