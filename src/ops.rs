@@ -60,6 +60,9 @@ crate::ffi::function_info_v1!(pg_finfo_outbox_drain);
 /// `outbox_relay_status()`: the worker's shared-memory status (read without
 /// locks, so reading it never blocks the worker) and the slot's positions.
 /// The `outbox_status` view selects it.
+// pgrx reads the column names from the name!() tuple in the signature, so
+// the type cannot be aliased.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
 fn outbox_relay_status() -> TableIterator<
     'static,
@@ -135,6 +138,7 @@ fn outbox_relay_resume() -> bool {
 
 /// `outbox_relay_latency()`: commit-to-acknowledgement latency percentiles
 /// since the last reset, in microseconds (within 12.5 %).
+#[allow(clippy::type_complexity)] // as outbox_relay_status()
 #[pg_extern(volatile, parallel_safe)]
 fn outbox_relay_latency() -> TableIterator<
     'static,
