@@ -23,6 +23,7 @@ fast enough to count there.
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,38 @@ COMMIT;
 """
 
 
-def relay_run(pg, broker, name, per_txn, rate=None, duration=DURATION, clients=CLIENTS):
+class Profile:
+    """`perf record` (software clock, call graphs) of one process while a
+    scenario runs; `top()` gives the heaviest symbols. Skipped when perf is
+    missing or not permitted."""
+
+    def __init__(self, name, pid):
+        self.path = f"/tmp/outbox-bench-{name}.perf"
+        self.proc = None
+        if not shutil.which("perf"):
+            return
+        self.proc = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "-g", "-o", self.path, "-p", str(pid)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.proc:
+            self.proc.send_signal(2)
+            self.proc.wait(60)
+
+    def top(self, n=12):
+        if not self.proc or not os.path.exists(self.path):
+            return []
+        cmd = ["perf", "report", "-i", self.path, "--stdio", "--no-children", "--sort", "dso,sym", "-g", "none", "--percent-limit", "0.5"]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+        rows = []
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0].endswith("%"):
+                rows.append((float(parts[0][:-1]), parts[1], " ".join(parts[3:])))
+        return rows[:n]
+
+
+def relay_run(pg, broker, name, per_txn, rate=None, duration=DURATION, clients=CLIENTS, profile=False, consumer=False):
     topic = f"bench.{name}.{uuid.uuid4().hex[:6]}"
     broker.create_topic(topic, partitions=6)
     with pg.connect() as c:
@@ -109,13 +141,24 @@ def relay_run(pg, broker, name, per_txn, rate=None, duration=DURATION, clients=C
 
     w = threading.Thread(target=watch_lag, daemon=True)
     w.start()
+    outside = {}
+    reader = threading.Thread(target=consume_latency, args=(broker, topic, stop, outside), daemon=True) if consumer else None
+    if reader:
+        reader.start()
+        time.sleep(2)  # subscribed before the load
+    prof = Profile(name, pid) if profile else None
     t0 = time.monotonic()
     tps, _ = pgbench(pg, emit_script(topic, per_txn), duration=duration, clients=clients, rate=rate)
     t_load = time.monotonic() - t0
     rig.drain(pg, timeout_ms=600_000)
     t_all = time.monotonic() - t0
+    if prof:
+        prof.stop()
+    time.sleep(2 if reader else 0)  # the consumer's last fetches
     stop.set()
     w.join()
+    if reader:
+        reader.join(30)
     cpu = worker_cpu_seconds(pid) - cpu0
     in_kafka = broker.topic_counts(topic)
     with pg.connect() as c:
@@ -130,7 +173,28 @@ def relay_run(pg, broker, name, per_txn, rate=None, duration=DURATION, clients=C
         "p50_ms": p50 / 1000 if p50 else None, "p95_ms": p95 / 1000 if p95 else None, "p99_ms": p99 / 1000 if p99 else None,
         "samples": n, "max_lag_mb": lag["max"] / 1e6, "cpu_s": cpu, "cpu_pct": 100 * cpu / t_all,
         "rss_mb": status["peak_rss_kb"] / 1024, "linger": linger,
+        "profile": prof.top() if prof else [], "outside": outside,
     }
+
+
+def consume_latency(broker, topic, stop, out):
+    """An outside consumer: receive time minus the record's timestamp (the
+    transaction's commit time, ms, same clock)."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}", "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+    c.subscribe([topic])
+    lat = []
+    while not stop.is_set():
+        m = c.poll(0.1)
+        if m is None or m.error():
+            continue
+        lat.append(time.time() * 1000 - m.timestamp()[1])
+    c.close()
+    lat.sort()
+    q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] if lat else None  # noqa: E731
+    out.update(n=len(lat), p50=q(0.5), p95=q(0.95), p99=q(0.99))
 
 
 POLL_TABLE = """
@@ -292,9 +356,14 @@ def main():
         with pg.connect() as c:
             c.execute("SELECT pg_drop_replication_slot('outbox')")  # the backlog of the ceiling runs is not ours to measure
         relay_on(pg)
+        # An outside consumer reading while the relay produces would give
+        # commit-to-consumer latency; tansu 0.6 stalls then (its fetches
+        # time out after 60 s and the producer waits), so it is opt-in:
+        # BENCH_CONSUMER=1 with a broker that serves both.
+        rows.append(relay_run(pg, broker, "light-1k-per-s", 1, rate=1000, clients=2,
+                              consumer=os.environ.get("BENCH_CONSUMER") == "1"))
         rows.append(relay_run(pg, broker, "relay-1", 1))
-        rows.append(relay_run(pg, broker, "relay-100", 100))
-        rows.append(relay_run(pg, broker, "light-1k-per-s", 1, rate=1000, clients=2))
+        rows.append(relay_run(pg, broker, "relay-100", 100, profile=True))
         relay_off(pg)
         rows.append(polling_run(pg, broker))
         rows.append(polling_run(pg, broker, rate=1000))
@@ -324,6 +393,10 @@ def main():
     if light.get("p50_ms") and pol_light.get("p50_ms"):
         print(f"| polling p50 / relay p50 at 1k events/s | {pol_light['p50_ms'] / light['p50_ms']:.1f}x lower latency |")
     print(f"| linger.ms | {light['linger']} |")
+    o = light.get("outside") or {}
+    if o.get("n"):
+        print(f"| commit→outside consumer at 1k events/s, p50 / p95 / p99 ms ({o['n']} events) | "
+              f"{o['p50']:.1f} / {o['p95']:.1f} / {o['p99']:.1f} |")
     base = cost["business write only"][0]
     print("\n| producing transaction (1 client) | tps | latency ms |\n|---|---|---|")
     for k, (tps, lat) in cost.items():
@@ -331,6 +404,10 @@ def main():
     e, t = cost["+ outbox_emit()"], cost["+ INSERT outbox table"]
     print(f"\noutbox_emit() transaction / outbox-table INSERT transaction, throughput: {e[0] / t[0]:.2f} "
           f"(business write alone: {base:.0f} tps)")
+    if r100.get("profile"):
+        print("\n| profile: the relay worker's process during relay-100 (perf, cpu-clock, all its threads) | % of samples |\n|---|---|")
+        for pct, dso, sym in r100["profile"]:
+            print(f"| `{sym}` ({dso}) | {pct:.1f} |")
 
 
 if __name__ == "__main__":

@@ -7,4 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 ./pg_test/setup.sh
+# perf profiles the relay worker and the emitting backends (optional: the
+# tables print without it).
+if ! command -v perf >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null || true
+fi
 exec pg_test/.venv/bin/python pg_test/bench.py "$@"
