@@ -21,7 +21,7 @@ use rdkafka::Message;
 use outbox_core::confirm::TxnSeq;
 
 use crate::dead_letter::Letter;
-use outbox_core::{format_uuid, time};
+use outbox_core::{format_uuid_into, time};
 
 /// Properties the relay sets itself and refuses to let a user override.
 pub const FIXED: [(&str, &str); 4] = [
@@ -253,7 +253,8 @@ impl Publisher {
         commit_time_pg: i64,
         mut wait: impl FnMut(&Self),
     ) -> Result<(), SendError> {
-        let id_text = format_uuid(id);
+        let mut id_buf = [0u8; 36];
+        let id_text = format_uuid_into(id, &mut id_buf);
         let mut h = OwnedHeaders::new_with_capacity(3 + headers.len())
             .insert(Header { key: "id", value: Some(id_text.as_bytes()) })
             .insert(Header { key: "type", value: Some(event_type.as_bytes()) })
@@ -275,7 +276,7 @@ impl Publisher {
                 }
                 Err((e, _)) => {
                     let letter = Letter {
-                        id: id_text.clone(),
+                        id: id_text.to_owned(),
                         aggregate_type: aggregate_type.to_owned(),
                         aggregate_id: key.to_owned(),
                         event_type: event_type.to_owned(),
@@ -288,7 +289,7 @@ impl Publisher {
                         reason: e.to_string(),
                         topic: topic.to_owned(),
                         permanent: permanent(&e),
-                        event_id: id_text,
+                        event_id: id_text.to_owned(),
                         letter: Some(Box::new(letter)),
                     }));
                 }
@@ -296,11 +297,14 @@ impl Publisher {
         }
     }
 
-    /// Serves delivery reports (waiting up to `timeout` for one) and
-    /// returns them.
-    pub fn poll(&self, timeout: Duration) -> Vec<Report> {
+    /// Serves delivery reports (waiting up to `timeout` for one) into
+    /// `out`, which must be empty: the buffers are swapped, so both keep
+    /// their capacity.
+    pub fn poll_into(&self, timeout: Duration, out: &mut Vec<Report>) {
         self.producer.poll(timeout);
-        self.producer.context().reports.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        if let Ok(mut v) = self.producer.context().reports.lock() {
+            std::mem::swap(&mut *v, out);
+        }
     }
 
 }

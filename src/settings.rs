@@ -174,6 +174,11 @@ pub fn with_topic_template<R>(f: impl FnOnce(&TopicTemplate) -> R) -> R {
     })
 }
 
+/// The topic template in force, owned (the relay keeps it between reloads).
+pub fn topic_template() -> TopicTemplate {
+    with_topic_template(|t| t.clone())
+}
+
 /// Reports why a value is refused, in the `DETAIL` of Postgres' own
 /// "invalid value for parameter" error.
 unsafe fn check_failed(detail: &str) -> bool {

@@ -20,6 +20,7 @@
 //! sets in any backend that wrote an event.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use pgrx::prelude::*;
 
 use outbox_core::confirm::{Tracker, TxnSeq};
 use outbox_core::decoded;
+use outbox_core::topic::TopicTemplate;
 use outbox_core::{lsn, wal_guard};
 
 use crate::dead_letter;
@@ -209,6 +211,19 @@ struct Sink {
     published_bytes: u64,
     /// Rejected events to write to the dead-letter table at the next settle.
     dead: Vec<dead_letter::Pending>,
+    /// `outbox.topic_template`, re-read at each reload.
+    template: TopicTemplate,
+    /// The last topic the template produced: (aggregate type, event type, topic).
+    last_route: Option<(String, String, Rc<str>)>,
+    /// Delivery reports, swapped with the producer's buffer so neither is
+    /// reallocated on every poll.
+    reports: Vec<crate::publisher::Report>,
+}
+
+/// Where `Sink::handle` found an event's topic.
+enum Routed<'a> {
+    Borrowed(&'a str),
+    Cached(Rc<str>),
 }
 
 /// An event that could not be published, with what the Sink needs to
@@ -239,9 +254,10 @@ fn letter_of(d: &decoded::DecodedEvent<'_>, topic: Option<&str>) -> dead_letter:
 
 impl Sink {
     fn apply_reports(&mut self, wait: Duration) {
-        let reports = self.publisher.poll(wait);
-        let mut acks = self.acks();
-        let rejected = acks.apply(reports);
+        let mut reports = std::mem::take(&mut self.reports);
+        self.publisher.poll_into(wait, &mut reports);
+        let rejected = self.acks().apply(&mut reports);
+        self.reports = reports;
         for f in rejected {
             self.reject(f);
         }
@@ -358,13 +374,32 @@ impl Sink {
         if d.source == decoded::Source::Table {
             self.table_rows.push_back((d.commit_lsn, ev.id));
         }
-        let topic = match settings::with_topic_template(|t| {
-            outbox_core::topic::route(t, ev.topic, ev.aggregate_type, ev.event_type)
-        }) {
-            Ok(t) => t,
+        // Routed per event (a reload may change the template), without an
+        // allocation in the common cases: an explicit topic is borrowed from
+        // the record, a template's result is kept for the next event of the
+        // same aggregate type and event type.
+        let hit = self
+            .last_route
+            .as_ref()
+            .filter(|(a, t, _)| ev.topic.is_none() && a == ev.aggregate_type && t == ev.event_type)
+            .map(|(_, _, r)| r.clone());
+        let routed = match hit {
+            Some(r) => Ok(Routed::Cached(r)),
+            None => outbox_core::topic::route(&self.template, ev.topic, ev.aggregate_type, ev.event_type).map(|c| match c {
+                std::borrow::Cow::Borrowed(b) => Routed::Borrowed(b),
+                std::borrow::Cow::Owned(o) => {
+                    let r: Rc<str> = Rc::from(o);
+                    self.last_route = Some((ev.aggregate_type.to_owned(), ev.event_type.to_owned(), r.clone()));
+                    Routed::Cached(r)
+                }
+            }),
+        };
+        let topic: &str = match &routed {
+            Ok(Routed::Borrowed(b)) => b,
+            Ok(Routed::Cached(r)) => r,
             Err(e) => {
                 let rej = Rejected {
-                    reason: e.message,
+                    reason: e.message.clone(),
                     topic: String::new(),
                     event_id: outbox_core::format_uuid(&ev.id),
                     permanent: true,
@@ -381,11 +416,11 @@ impl Sink {
                 partitions: settings::topic_partitions(),
                 replication_factor: settings::topic_replication_factor(),
             };
-            match self.publisher.ensure_topic(&topic, &creation) {
+            match self.publisher.ensure_topic(topic, &creation) {
                 Ok(()) => break,
                 Err(TopicError::Missing(reason)) => {
-                    let letter = Some(Box::new(letter_of(&d, Some(&topic))));
-                    let rej = Rejected { reason, topic, event_id: outbox_core::format_uuid(&ev.id), permanent: true, letter };
+                    let letter = Some(Box::new(letter_of(&d, Some(topic))));
+                    let rej = Rejected { reason, topic: topic.to_owned(), event_id: outbox_core::format_uuid(&ev.id), permanent: true, letter };
                     self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
                     return;
                 }
@@ -416,7 +451,9 @@ impl Sink {
             |p| {
                 // The local queue is full: serve delivery reports until
                 // there is room, staying responsive to SIGTERM.
-                pending_errors.extend(acks.apply(p.poll(Duration::from_millis(100))));
+                let mut reports = Vec::new();
+                p.poll_into(Duration::from_millis(100), &mut reports);
+                pending_errors.extend(acks.apply(&mut reports));
                 pg_sys::check_for_interrupts!();
             },
         );
@@ -442,9 +479,10 @@ struct Acks<'a> {
 
 impl Acks<'_> {
     /// Applies the reports; returns the failed ones.
-    fn apply(&mut self, reports: Vec<crate::publisher::Report>) -> Vec<Failure> {
+    /// Applies the reports (leaving `reports` empty, its capacity kept).
+    fn apply(&mut self, reports: &mut Vec<crate::publisher::Report>) -> Vec<Failure> {
         let mut rejected = Vec::new();
-        for r in reports {
+        for r in reports.drain(..) {
             match r.error {
                 None => {
                     note_latency(self.shared, self.tracker.acked(r.seq));
@@ -571,6 +609,9 @@ impl Relay {
             failed: 0,
             published_bytes: 0,
             dead: Vec::new(),
+            template: settings::topic_template(),
+            last_route: None,
+            reports: Vec::new(),
         });
         let cslot = CString::new(slot).unwrap_or_default();
         // SAFETY: the decoding context is created once, outside a
@@ -669,6 +710,8 @@ impl Relay {
             pg_sys::ConfigReloadPending = 0;
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
+        self.sink.template = settings::topic_template();
+        self.sink.last_route = None;
         let fp = settings::producer_fingerprint();
         if self.sink.stopped.is_some() || fp != self.fingerprint || !settings::relay_enabled() {
             // Resuming and rebuilding the producer both mean re-reading from
@@ -724,6 +767,25 @@ impl Relay {
         }
         let confirmable = self.sink.tracker.confirmable(read_upto);
         self.delete_published_rows(confirmable);
+        // The status first, then the confirmation: whoever sees the new
+        // confirmed position (outbox_drain) then sees counters and state
+        // that include it.
+        while self.sink.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
+            self.sink.commit_times.pop_front();
+        }
+        let in_flight = self.sink.tracker.in_flight();
+        let oldest = self.sink.commit_times.front().map_or(0, |(_, t)| *t);
+        self.shared.set_in_flight(in_flight, oldest);
+        self.shared.add_published(std::mem::take(&mut self.sink.published), std::mem::take(&mut self.sink.published_bytes));
+        if self.sink.stopped.is_none() {
+            let silent = in_flight > 0 && self.sink.last_ack.elapsed() >= BROKER_SILENCE;
+            self.shared.set_broker_up(!silent);
+            if silent {
+                set_state(self.shared, State::WaitingForBroker, Some("no acknowledgement from Kafka; retrying, nothing is skipped"));
+            } else if in_flight == 0 || self.sink.last_ack.elapsed() < BROKER_SILENCE {
+                set_state(self.shared, State::Streaming, None);
+            }
+        }
         if confirmable > self.confirmed {
             // SAFETY: we hold the slot (MyReplicationSlot).
             unsafe { pg_sys::LogicalConfirmReceivedLocation(confirmable) };
@@ -742,22 +804,6 @@ impl Relay {
             }
             self.saved = self.confirmed;
             self.last_save = Instant::now();
-        }
-        while self.sink.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
-            self.sink.commit_times.pop_front();
-        }
-        let in_flight = self.sink.tracker.in_flight();
-        let oldest = self.sink.commit_times.front().map_or(0, |(_, t)| *t);
-        self.shared.set_in_flight(in_flight, oldest);
-        self.shared.add_published(std::mem::take(&mut self.sink.published), std::mem::take(&mut self.sink.published_bytes));
-        if self.sink.stopped.is_none() {
-            let silent = in_flight > 0 && self.sink.last_ack.elapsed() >= BROKER_SILENCE;
-            self.shared.set_broker_up(!silent);
-            if silent {
-                set_state(self.shared, State::WaitingForBroker, Some("no acknowledgement from Kafka; retrying, nothing is skipped"));
-            } else if in_flight == 0 || self.sink.last_ack.elapsed() < BROKER_SILENCE {
-                set_state(self.shared, State::Streaming, None);
-            }
         }
         if self.last_rss.elapsed() >= Duration::from_secs(1) {
             self.last_rss = Instant::now();

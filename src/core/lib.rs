@@ -44,15 +44,25 @@ pub struct Event<'a> {
 
 /// Formats a 16-byte id the way Postgres prints a `uuid`.
 pub fn format_uuid(id: &[u8; 16]) -> String {
-    let mut s = String::with_capacity(36);
+    format_uuid_into(id, &mut [0; 36]).to_owned()
+}
+
+/// [`format_uuid`] into a caller's buffer: the relay formats one id per
+/// event, and this keeps that off the allocator.
+pub fn format_uuid_into<'b>(id: &[u8; 16], buf: &'b mut [u8; 36]) -> &'b str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut at = 0;
     for (i, b) in id.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+            buf[at] = b'-';
+            at += 1;
         }
-        s.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
-        s.push(char::from_digit((b & 0xf) as u32, 16).unwrap_or('0'));
+        buf[at] = HEX[(b >> 4) as usize];
+        buf[at + 1] = HEX[(b & 0xf) as usize];
+        at += 2;
     }
-    s
+    // Only ASCII hex digits and dashes were written.
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -76,15 +76,18 @@ impl TopicTemplate {
 
 /// The topic an event goes to: its own override, else the template; either
 /// way a name Kafka accepts.
-pub fn route(
+///
+/// An override is returned borrowed: the relay routes every event, and most
+/// of them carry no allocation worth making.
+pub fn route<'a>(
     template: &TopicTemplate,
-    topic_override: Option<&str>,
+    topic_override: Option<&'a str>,
     aggregate_type: &str,
     event_type: &str,
-) -> Result<String, validate::Invalid> {
+) -> Result<std::borrow::Cow<'a, str>, validate::Invalid> {
     let topic = match topic_override {
-        Some(t) => t.to_owned(),
-        None => template.render(aggregate_type, event_type),
+        Some(t) => std::borrow::Cow::Borrowed(t),
+        None => std::borrow::Cow::Owned(template.render(aggregate_type, event_type)),
     };
     validate::topic(&topic).map_err(|mut e| {
         if topic_override.is_none() {

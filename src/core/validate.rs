@@ -209,7 +209,7 @@ pub struct Checked<'a> {
     /// The explicit topic, if one was given (else the relay routes by template).
     pub topic: Option<&'a str>,
     /// Where the event goes under the template in force now.
-    pub routed_topic: String,
+    pub routed_topic: std::borrow::Cow<'a, str>,
 }
 
 /// All of an event's checks, in the order a user would fix them.
