@@ -440,7 +440,7 @@ impl Sink {
         let mut pending_errors = Vec::new();
         let res = publisher.send(
             seq,
-            &topic,
+            topic,
             ev.aggregate_id,
             ev.payload,
             &ev.id,
