@@ -60,9 +60,12 @@ fn current_database() -> &'static str {
 }
 
 fn check_database() {
-    let served = settings::database();
     let here = current_database();
-    if here != served {
+    if settings::with_database(|served| served.to_bytes() == here.as_bytes()) {
+        return;
+    }
+    {
+        let served = settings::database();
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox events can only be written in database \"{served}\", not \"{here}\""),
@@ -78,8 +81,8 @@ fn check_database() {
 /// (events committed before that point are never decoded), be valid, and
 /// hold back no more WAL than outbox.max_retained_wal.
 fn check_slot() {
-    let name = settings::slot_name();
-    let Some(info) = slot::find(&name) else {
+    let Some(info) = settings::with_slot_name(slot::find_c) else {
+        let name = settings::slot_name();
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox replication slot \"{name}\" does not exist"),
@@ -91,7 +94,10 @@ fn check_slot() {
             )),
         );
     };
+    // Error paths only: the name is copied when there is something to say.
+    let name = settings::slot_name;
     if info.confirmed_flush == 0 {
+        let name = name();
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox replication slot \"{name}\" is not ready yet"),
@@ -101,6 +107,7 @@ fn check_slot() {
     }
     // SAFETY: MyDatabaseId is a plain global.
     if info.database != unsafe { pg_sys::MyDatabaseId } || info.plugin != "outbox" {
+        let name = name();
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("replication slot \"{name}\" is not an outbox slot of this database"),
@@ -109,6 +116,7 @@ fn check_slot() {
         );
     }
     if info.invalidated {
+        let name = name();
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("outbox replication slot \"{name}\" has been invalidated"),
@@ -118,6 +126,7 @@ fn check_slot() {
     }
     if let (retained, wal_guard::Verdict::Exceeded) = slot::guard(&info) {
         let relay = crate::shmem::shared().map_or("not running", |s| s.state().name());
+        let name = name();
         raise(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             format!(
@@ -152,7 +161,7 @@ fn check_or_raise<T>(r: Result<T, validate::Invalid>) -> T {
 pub unsafe extern "C-unwind" fn outbox_emit(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     let key = preflight(c"outbox_emit()");
     // SAFETY: called by Postgres with the arguments declared in sql/outbox.sql.
-    unsafe { emit(fcinfo, 0, uuid::Uuid::now_v7().into_bytes(), key) }
+    unsafe { emit(fcinfo, 0, crate::event_id::new_v7(), key) }
 }
 
 crate::ffi::function_info_v1!(pg_finfo_outbox_emit);

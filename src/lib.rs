@@ -17,6 +17,7 @@ use pgrx::prelude::*;
 
 mod dead_letter;
 mod emit;
+mod event_id;
 mod errors;
 mod ffi;
 mod key;

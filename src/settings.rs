@@ -117,6 +117,30 @@ fn string(setting: &GucSetting<Option<CString>>) -> String {
     setting.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
+/// A string setting's current value, borrowed rather than copied (the
+/// checks in `outbox_emit()` read three of them per call).
+fn with_cstr<R>(setting: &GucSetting<Option<CString>>, f: impl FnOnce(&CStr) -> R) -> R {
+    // SAFETY: as_ptr() is the GUC's own char* variable; the string it points
+    // to is replaced (and freed) only when the setting changes, which cannot
+    // happen while the caller's code runs (no SET, no reload in between).
+    unsafe {
+        let p = *setting.as_ptr();
+        if p.is_null() {
+            f(c"")
+        } else {
+            f(CStr::from_ptr(p))
+        }
+    }
+}
+
+pub fn with_database<R>(f: impl FnOnce(&CStr) -> R) -> R {
+    with_cstr(&DATABASE, f)
+}
+
+pub fn with_slot_name<R>(f: impl FnOnce(&CStr) -> R) -> R {
+    with_cstr(&SLOT_NAME, f)
+}
+
 pub fn database() -> String {
     string(&DATABASE)
 }
@@ -161,10 +185,11 @@ pub fn with_topic_template<R>(f: impl FnOnce(&TopicTemplate) -> R) -> R {
     static DEFAULT: Lazy<TopicTemplate> = Lazy::new(|| {
         TopicTemplate::parse(outbox_core::topic::DEFAULT_TEMPLATE).unwrap_or_else(|e| unreachable!("{e}"))
     });
-    let current = string(&TOPIC_TEMPLATE);
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        if c.as_ref().map(|(s, _)| s != &current).unwrap_or(true) {
+        let stale = with_cstr(&TOPIC_TEMPLATE, |now| c.as_ref().is_none_or(|(s, _)| s.as_bytes() != now.to_bytes()));
+        if stale {
+            let current = string(&TOPIC_TEMPLATE);
             // The check hook refused unparsable values, so this only falls
             // back for a value set before the library was loaded.
             let t = TopicTemplate::parse(&current).unwrap_or_else(|_| DEFAULT.clone());

@@ -11,7 +11,8 @@ use crate::settings;
 
 pub struct SlotInfo {
     pub database: pg_sys::Oid,
-    pub plugin: String,
+    /// Borrowed (no copy) in the usual case, our own plugin.
+    pub plugin: std::borrow::Cow<'static, str>,
     pub confirmed_flush: u64,
     pub restart_lsn: u64,
     /// Postgres removed WAL the slot needed (max_slot_wal_keep_size).
@@ -20,7 +21,11 @@ pub struct SlotInfo {
 
 /// The slot named `name`, if it exists.
 pub fn find(name: &str) -> Option<SlotInfo> {
-    let cname = CString::new(name).ok()?;
+    find_c(&CString::new(name).ok()?)
+}
+
+/// [`find`] for a name that is already a C string (no copy).
+pub fn find_c(cname: &CStr) -> Option<SlotInfo> {
     // SAFETY: SearchNamedReplicationSlot takes the control lock itself
     // (need_lock = true). The returned slot lives in shared memory for the
     // server's life; we read word-sized fields without its spinlock, which
@@ -35,7 +40,10 @@ pub fn find(name: &str) -> Option<SlotInfo> {
         let d = &(*slot).data;
         Some(SlotInfo {
             database: d.database,
-            plugin: CStr::from_ptr(d.plugin.data.as_ptr()).to_string_lossy().into_owned(),
+            plugin: match CStr::from_ptr(d.plugin.data.as_ptr()) {
+                p if p == c"outbox" => std::borrow::Cow::Borrowed("outbox"),
+                p => std::borrow::Cow::Owned(p.to_string_lossy().into_owned()),
+            },
             confirmed_flush: d.confirmed_flush,
             restart_lsn: d.restart_lsn,
             invalidated: d.restart_lsn == 0 && d.invalidated_at != 0,
