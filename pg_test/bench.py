@@ -172,6 +172,7 @@ def relay_run(pg, broker, name, per_txn, rate=None, duration=DURATION, clients=C
         "eps": in_kafka / t_all, "load_s": t_load, "drain_s": t_all - t_load,
         "p50_ms": p50 / 1000 if p50 else None, "p95_ms": p95 / 1000 if p95 else None, "p99_ms": p99 / 1000 if p99 else None,
         "samples": n, "max_lag_mb": lag["max"] / 1e6, "cpu_s": cpu, "cpu_pct": 100 * cpu / t_all,
+        "cpu_us_per_event": 1e6 * cpu / in_kafka if in_kafka else None,
         "rss_mb": status["peak_rss_kb"] / 1024, "linger": linger,
         "profile": prof.top() if prof else [], "outside": outside,
     }
@@ -304,6 +305,35 @@ def broker_baseline(broker, rate=None, duration=DURATION, batch=1):
             "eps": len(lat) / elapsed, "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}
 
 
+def call_cost(pg, n=300_000, runs=5):
+    """CPU cost of one call, without the transaction around it: user CPU of
+    the backend (from /proc) over n calls in one rolled-back transaction,
+    the least of `runs`. outbox_emit() against pg_logical_emit_message()
+    with the same payload, the floor any WAL-message outbox pays."""
+    out = {}
+    with pg.connect() as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+        def user_cpu():
+            with open(f"/proc/{pid}/stat") as f:
+                return int(f.read().rsplit(")", 1)[1].split()[11]) / os.sysconf("SC_CLK_TCK")
+
+        for name, sql in (
+            ("outbox_emit()", f"SELECT count(outbox_emit('Order', g::text, 'OrderPlaced', %s::jsonb, '{{}}', 'bench.cost')) FROM generate_series(1, {n}) g"),
+            ("pg_logical_emit_message()", f"SELECT count(pg_logical_emit_message(true, 'bench', %s)) FROM generate_series(1, {n}) g"),
+        ):
+            best = None
+            for _ in range(runs):
+                c.execute("BEGIN")
+                t = user_cpu()
+                c.execute(sql, (PAYLOAD,))
+                us = (user_cpu() - t) / n * 1e6
+                c.execute("ROLLBACK")
+                best = us if best is None else min(best, us)
+            out[name] = best
+    return out
+
+
 def emit_cost(pg):
     """Producer-side cost: the same transaction with outbox_emit() vs an
     INSERT into an outbox table (the relay off, so only the write is measured)."""
@@ -368,18 +398,19 @@ def main():
         rows.append(polling_run(pg, broker))
         rows.append(polling_run(pg, broker, rate=1000))
         cost = emit_cost(pg)
+        calls = call_cost(pg)
         relay_on(pg)
     finally:
         pg.stop(check=False)
         broker.stop()
 
     print("\n## outbox benchmark", time.strftime("%Y-%m-%d %H:%M"), f"({os.cpu_count()} cores, {DURATION} s per run, {CLIENTS} clients)")
-    print(f"\n| scenario | committed events/s | events in Kafka | end-to-end events/s | commit→ack p50 / p95 / p99 ms | max slot lag MB | worker CPU % | worker peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| scenario | committed events/s | events in Kafka | end-to-end events/s | commit→ack p50 / p95 / p99 ms | max slot lag MB | worker CPU % | worker CPU µs/event | worker peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {fmt(r.get('commit_eps'))} | {fmt(r.get('events'))} | {fmt(r.get('eps'))} | "
               f"{fmt(r.get('p50_ms'), '{:.2f}')} / {fmt(r.get('p95_ms'), '{:.2f}')} / {fmt(r.get('p99_ms'), '{:.2f}')} | "
-              f"{fmt(r.get('max_lag_mb'), '{:.1f}')} | {fmt(r.get('cpu_pct'))} | {fmt(r.get('rss_mb'))} |")
+              f"{fmt(r.get('max_lag_mb'), '{:.1f}')} | {fmt(r.get('cpu_pct'))} | {fmt(r.get('cpu_us_per_event'), '{:.1f}')} | {fmt(r.get('rss_mb'))} |")
     by = {r["name"]: r for r in rows}
     r1, c1 = by["relay-1"], by["ceiling-1 (relay off)"]
     r100, c100 = by["relay-100"], by["ceiling-100 (relay off)"]
@@ -404,6 +435,9 @@ def main():
     e, t = cost["+ outbox_emit()"], cost["+ INSERT outbox table"]
     print(f"\noutbox_emit() transaction / outbox-table INSERT transaction, throughput: {e[0] / t[0]:.2f} "
           f"(business write alone: {base:.0f} tps)")
+    print("\n| one call, user CPU of the backend (least of 5 x 300k) | µs |\n|---|---|")
+    for k, us in calls.items():
+        print(f"| {k} | {us:.2f} |")
     if r100.get("profile"):
         print("\n| profile: the relay worker's process during relay-100 (perf, cpu-clock, all its threads) | % of samples |\n|---|---|")
         for pct, dso, sym in r100["profile"]:
