@@ -351,10 +351,14 @@ BEGIN;
 INSERT INTO orders (customer, payload) VALUES (:aid, '{PAYLOAD}');
 COMMIT;
 """
+    # Three rounds, the scripts interleaved, the best of each kept: one
+    # client's commit rate swings with whatever else the machine does.
     res = {}
-    for name, script in (("business write only", only_business), ("+ outbox_emit()", emit), ("+ INSERT outbox table", insert)):
-        tps, lat = pgbench(pg, script, duration=max(5, DURATION // 2), clients=1)
-        res[name] = (tps, lat)
+    for _ in range(3):
+        for name, script in (("business write only", only_business), ("+ outbox_emit()", emit), ("+ INSERT outbox table", insert)):
+            tps, lat = pgbench(pg, script, duration=max(4, DURATION // 2), clients=1)
+            if name not in res or tps > res[name][0]:
+                res[name] = (tps, lat)
     return res
 
 
@@ -364,7 +368,9 @@ def fmt(v, f="{:.0f}"):
 
 def main():
     rig.install_extension(release=True)
-    broker = rig.Broker(port=rig.KAFKA_PORT)
+    memory = os.environ.get("BENCH_BROKER", "memory") == "memory" and os.access(os.environ.get("OUTBOX_BENCH_TANSU", ""), os.X_OK)
+    broker = rig.Broker(port=rig.KAFKA_PORT, binary=os.environ["OUTBOX_BENCH_TANSU"], storage="memory://tansu/") if memory \
+        else rig.Broker(port=rig.KAFKA_PORT)
     broker.reset()
     broker.start()
     pg = rig.Postgres()
@@ -386,12 +392,10 @@ def main():
         with pg.connect() as c:
             c.execute("SELECT pg_drop_replication_slot('outbox')")  # the backlog of the ceiling runs is not ours to measure
         relay_on(pg)
-        # An outside consumer reading while the relay produces would give
-        # commit-to-consumer latency; tansu 0.6 stalls then (its fetches
-        # time out after 60 s and the producer waits), so it is opt-in:
-        # BENCH_CONSUMER=1 with a broker that serves both.
-        rows.append(relay_run(pg, broker, "light-1k-per-s", 1, rate=1000, clients=2,
-                              consumer=os.environ.get("BENCH_CONSUMER") == "1"))
+        # An outside consumer reads while the relay produces: commit-to-
+        # consumer latency. Only with the in-memory broker: tansu's sqlite
+        # engine stalls then (fetches time out after 60 s, the producer waits).
+        rows.append(relay_run(pg, broker, "light-1k-per-s", 1, rate=1000, clients=2, consumer=memory))
         rows.append(relay_run(pg, broker, "relay-1", 1))
         rows.append(relay_run(pg, broker, "relay-100", 100, profile=True))
         relay_off(pg)
@@ -404,7 +408,8 @@ def main():
         pg.stop(check=False)
         broker.stop()
 
-    print("\n## outbox benchmark", time.strftime("%Y-%m-%d %H:%M"), f"({os.cpu_count()} cores, {DURATION} s per run, {CLIENTS} clients)")
+    print("\n## outbox benchmark", time.strftime("%Y-%m-%d %H:%M"), f"({os.cpu_count()} cores, {DURATION} s per run, {CLIENTS} clients, "
+          f"broker: tansu 0.6 {'in memory' if memory else 'sqlite'})")
     print(f"\n| scenario | committed events/s | events in Kafka | end-to-end events/s | commit→ack p50 / p95 / p99 ms | max slot lag MB | worker CPU % | worker CPU µs/event | worker peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
