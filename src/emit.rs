@@ -64,17 +64,15 @@ fn check_database() {
     if settings::with_database(|served| served.to_bytes() == here.as_bytes()) {
         return;
     }
-    {
-        let served = settings::database();
-        raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("outbox events can only be written in database \"{served}\", not \"{here}\""),
-            Some(format!(
-                "The outbox relay decodes database \"{served}\" (outbox.database); events written here would never be published."
-            )),
-            Some("Write events in the database named by outbox.database, or change that setting and restart.".into()),
-        );
-    }
+    let served = settings::database();
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("outbox events can only be written in database \"{served}\", not \"{here}\""),
+        Some(format!(
+            "The outbox relay decodes database \"{served}\" (outbox.database); events written here would never be published."
+        )),
+        Some("Write events in the database named by outbox.database, or change that setting and restart.".into()),
+    );
 }
 
 /// The slot must exist in this database, use our plugin, be consistent
