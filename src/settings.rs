@@ -336,7 +336,8 @@ pub fn init_relay() {
     GucRegistry::define_bool_guc(
         c"outbox.topic_creation",
         c"Whether the relay creates a missing topic before its first event.",
-        c"Reloadable. Off: the relay stops on an event for a missing topic and names it, like Debezium without topic.creation.",
+        c"Reloadable. Off: an event for a missing topic is refused like any rejected event \
+          (outbox.on_rejected_event: dead-lettered or the relay stops), naming the topic.",
         &TOPIC_CREATION,
         GucContext::Sighup,
         GucFlags::default(),

@@ -61,10 +61,15 @@ pub fn insert_lsn() -> u64 {
 
 /// WAL the slot holds back: insert position minus restart_lsn.
 pub fn retained(info: &SlotInfo) -> u64 {
-    if info.restart_lsn == 0 {
+    retained_since(info.restart_lsn)
+}
+
+/// WAL kept for a slot whose restart_lsn is `restart_lsn` (0: none yet).
+pub fn retained_since(restart_lsn: u64) -> u64 {
+    if restart_lsn == 0 {
         return 0;
     }
-    insert_lsn().saturating_sub(info.restart_lsn)
+    insert_lsn().saturating_sub(restart_lsn)
 }
 
 /// The guard's verdict for the slot now.

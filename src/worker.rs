@@ -5,8 +5,11 @@
 //!
 //! ```text
 //!  starting ──► streaming ◄──► waiting for broker        (acks stop for a while)
-//!                   │
-//!                   └──► stopped on bad event ──SIGHUP──► exit(1) → restarted, resumes
+//!     │             │
+//!     │             ├──► dead letter (outbox.on_rejected_event = dead_letter): written, streaming goes on
+//!     │             └──► stopped on bad event ──SIGHUP──► exit(1) → restarted, resumes
+//!     ├── disabled (outbox.relay_enabled = off)
+//!     └── slot invalidated ──slot dropped──► creates a new slot
 //!  any other failure: exit(1); the postmaster restarts the worker after 1 s and it
 //!  resumes from the slot's confirmed position (re-sending what was unconfirmed).
 //! ```
@@ -148,13 +151,21 @@ fn wait_while_invalidated(shared: &Shared, slot: &str) {
 fn idle(ms: i64) {
     shmem::wait_latch(ms);
     pg_sys::check_for_interrupts!();
-    // SAFETY: as in every Postgres main loop.
+    reload_config();
+}
+
+/// Re-reads the configuration if SIGHUP asked for it; says whether it did.
+fn reload_config() -> bool {
+    // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP
+    // handler; clearing it and reloading is what every Postgres main loop does.
     unsafe {
-        if pg_sys::ConfigReloadPending != 0 {
-            pg_sys::ConfigReloadPending = 0;
-            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
+        if pg_sys::ConfigReloadPending == 0 {
+            return false;
         }
+        pg_sys::ConfigReloadPending = 0;
+        pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
     }
+    true
 }
 
 fn set_state(shared: &Shared, s: State, detail: Option<&str>) {
@@ -359,6 +370,16 @@ impl Sink {
                 return;
             }
         };
+        // A failure of this event, found here rather than in a report.
+        let failure = |seq, rej| Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false };
+        // Refused before Kafka saw it: retrying cannot help.
+        let refused = |reason: String, topic: Option<&str>| Rejected {
+            reason,
+            topic: topic.unwrap_or_default().to_owned(),
+            event_id: outbox_core::format_uuid(&d.event.id),
+            permanent: true,
+            letter: Some(Box::new(letter_of(&d, topic))),
+        };
         let ev = &d.event;
         // Registered before anything can fail: an event that is never
         // acknowledged holds the confirmed position before its transaction,
@@ -398,14 +419,7 @@ impl Sink {
             Ok(Routed::Borrowed(b)) => b,
             Ok(Routed::Cached(r)) => r,
             Err(e) => {
-                let rej = Rejected {
-                    reason: e.message.clone(),
-                    topic: String::new(),
-                    event_id: outbox_core::format_uuid(&ev.id),
-                    permanent: true,
-                    letter: Some(Box::new(letter_of(&d, None))),
-                };
-                self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
+                self.reject(failure(seq, refused(e.message.clone(), None)));
                 return;
             }
         };
@@ -419,9 +433,7 @@ impl Sink {
             match self.publisher.ensure_topic(topic, &creation) {
                 Ok(()) => break,
                 Err(TopicError::Missing(reason)) => {
-                    let letter = Some(Box::new(letter_of(&d, Some(topic))));
-                    let rej = Rejected { reason, topic: topic.to_owned(), event_id: outbox_core::format_uuid(&ev.id), permanent: true, letter };
-                    self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
+                    self.reject(failure(seq, refused(reason, Some(topic))));
                     return;
                 }
                 Err(TopicError::Unreachable(reason)) => {
@@ -461,7 +473,7 @@ impl Sink {
             self.reject(f);
         }
         if let Err(SendError::Rejected(rej)) = res {
-            self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false });
+            self.reject(failure(seq, rej));
         }
     }
 }
@@ -478,8 +490,8 @@ struct Acks<'a> {
 }
 
 impl Acks<'_> {
-    /// Applies the reports; returns the failed ones.
-    /// Applies the reports (leaving `reports` empty, its capacity kept).
+    /// Applies the reports (leaving `reports` empty, its capacity kept);
+    /// returns the failed ones.
     fn apply(&mut self, reports: &mut Vec<crate::publisher::Report>) -> Vec<Failure> {
         let mut rejected = Vec::new();
         for r in reports.drain(..) {
@@ -701,14 +713,8 @@ impl Relay {
             // SAFETY: proc_exit(1) asks the postmaster for a restart.
             unsafe { pg_sys::proc_exit(1) };
         }
-        // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP handler.
-        if unsafe { pg_sys::ConfigReloadPending } == 0 {
+        if !reload_config() {
             return;
-        }
-        // SAFETY: as in every Postgres main loop.
-        unsafe {
-            pg_sys::ConfigReloadPending = 0;
-            pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
         self.sink.template = settings::topic_template();
         self.sink.last_route = None;
@@ -757,8 +763,9 @@ impl Relay {
         }
     }
 
-    /// The step outside decoding: delete acknowledged table rows, then
-    /// confirm, then publish the status.
+    /// The step outside decoding: write dead letters, delete acknowledged
+    /// table rows, publish the status, then confirm (and now and then save)
+    /// the slot's position.
     fn settle(&mut self) {
         // SAFETY: reading our own reader's position.
         let read_upto = unsafe { (*(*self.ctx).reader).EndRecPtr };
@@ -812,7 +819,7 @@ impl Relay {
             }
             // SAFETY: we hold the slot; restart_lsn is only moved by us.
             let restart = unsafe { (*pg_sys::MyReplicationSlot).data.restart_lsn };
-            watch_wal(&mut self.wal_watch, slot::insert_lsn().saturating_sub(restart));
+            watch_wal(&mut self.wal_watch, slot::retained_since(restart));
         }
     }
 
@@ -881,9 +888,12 @@ impl Relay {
 /// Logs each crossing of the WAL guard's fractions once.
 fn watch_wal(watch: &mut wal_guard::Watch, retained: u64) {
     let limit = settings::max_retained_wal();
-    let v = wal_guard::verdict(retained, limit);
+    let change = watch.observe(wal_guard::verdict(retained, limit));
+    if change == wal_guard::Change::None {
+        return;
+    }
     let (r, l) = (wal_guard::format_bytes(retained), wal_guard::format_bytes(limit.unwrap_or(0)));
-    match watch.observe(v) {
+    match change {
         wal_guard::Change::Rose(100) => warning!(
             "outbox relay: the slot retains {r} of WAL, past outbox.max_retained_wal ({l}): new events are refused \
              until the backlog is published"

@@ -44,3 +44,13 @@ def sqlstate_of(conn: psycopg.Connection, sql: str, params=None) -> psycopg.Erro
             conn.rollback()
         return e
     raise AssertionError(f"expected an error from: {sql}")
+
+
+def insert_dead_letter(conn: psycopg.Connection, event_id: str, topic: str, key: str, event_type: str, payload: dict) -> None:
+    """A dead letter as an operator would find it (written here, not by a
+    rejection), for tests of re-publishing and of its survival."""
+    conn.execute(
+        "INSERT INTO outbox_dead_letter (id, aggregatetype, aggregateid, type, payload, topic, reason, commit_lsn, committed_at) "
+        "VALUES (%s, 'Order', %s, %s, %s::jsonb, %s, 'test', '0/1', now())",
+        (event_id, key, event_type, json.dumps(payload), topic),
+    )

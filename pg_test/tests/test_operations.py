@@ -5,7 +5,7 @@ import json
 import time
 
 import rig
-from helpers import sqlstate_of
+from helpers import insert_dead_letter, sqlstate_of
 from test_relay_limits import emit, set_conf
 
 
@@ -190,11 +190,7 @@ def test_republish_is_transactional_and_superuser_only(db, broker):
     topic = rig.unique_topic("dltx")
     with db.connect() as c:
         c.execute("DELETE FROM outbox_dead_letter")
-        c.execute(
-            "INSERT INTO outbox_dead_letter (id, aggregatetype, aggregateid, type, payload, topic, reason, commit_lsn, committed_at) "
-            "VALUES ('0190b3c4-0000-7000-8000-000000000001', 'Order', '9', 'Placed', '{\"n\": 1}', %s, 'test', '0/1', now())",
-            (topic,),
-        )
+        insert_dead_letter(c, "0190b3c4-0000-7000-8000-000000000001", topic, "9", "Placed", {"n": 1})
     with db.connect(autocommit=False) as t:
         assert t.execute("SELECT outbox_dead_letter_republish()").fetchone()[0] == 1
         t.rollback()  # nothing re-published, the letter stays

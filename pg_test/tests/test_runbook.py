@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import rig
+from helpers import insert_dead_letter
 from test_relay_limits import emit
 
 
@@ -89,11 +90,7 @@ def test_upgrade_with_pg_upgrade_loses_nothing(broker):
             for n in range(3):
                 emit(c, topic, "k", {"n": n})
             # A dead letter is data and must survive the upgrade.
-            c.execute(
-                "INSERT INTO outbox_dead_letter (id, aggregatetype, aggregateid, type, payload, topic, reason, commit_lsn, committed_at) "
-                "VALUES ('0190b3c4-0000-7000-8000-0000000000aa', 'Order', 'k', 'T', '{\"n\": 3}', %s, 'test', '0/1', now())",
-                (topic,),
-            )
+            insert_dead_letter(c, "0190b3c4-0000-7000-8000-0000000000aa", topic, "k", "T", {"n": 3})
         # The runbook: stop the writers, drain, stop cleanly.
         rig.drain(old)
         old.stop()
