@@ -1,6 +1,21 @@
 -- outbox: the extension's SQL objects, created in the schema chosen at
 -- CREATE EXTENSION (by default the first schema of search_path).
 
+-- Events are JSON sent to Kafka as UTF-8, and outbox_emit() refuses text it
+-- cannot send as is: in a database of another encoding the outbox table's
+-- rows could only be converted lossily. One behaviour for both paths: the
+-- extension is refused there.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'outbox requires a UTF8 database; database "%" uses %',
+                pg_catalog.current_database(), pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Events are JSON and Kafka records carry UTF-8. Create the database with ENCODING ''UTF8'' (TEMPLATE template0) and install outbox there.';
+    END IF;
+END
+$$;
+
 -- The role that may write events, and nothing else. Roles are cluster-wide,
 -- so it may already exist from another database.
 DO $$
@@ -15,6 +30,7 @@ $$;
 -- aggregatetype (the relay sets those). Mirrors outbox_emit()'s check.
 CREATE FUNCTION outbox_headers_valid(headers jsonb) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT headers IS NULL OR (
         pg_catalog.jsonb_typeof(headers) = 'object'
@@ -147,45 +163,13 @@ $$;
 -- Arguments: aggregate type, key column, then optional event types for
 -- insert, update and delete (default: <aggregate type>Created / Updated /
 -- Deleted). Payload: the new row as JSON, the old row for deletes.
--- SECURITY DEFINER so that whoever writes the table publishes through it
--- without holding outbox_producer; creating such a trigger needs EXECUTE on
--- this function, which only outbox_producer has.
+-- Not SECURITY DEFINER: the row is turned into JSON with the rights of
+-- whoever writes the table (a cast or output function it reaches runs as
+-- them), and only the message is written by the extension. Writers of the
+-- table publish without holding outbox_producer; creating such a trigger
+-- needs EXECUTE on this function, which only outbox_producer has.
 CREATE FUNCTION outbox_row_trigger() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    row_json   jsonb;
-    event_type text;
-BEGIN
-    IF TG_WHEN <> 'AFTER' OR TG_LEVEL <> 'ROW' THEN
-        RAISE EXCEPTION 'outbox_row_trigger() must be fired AFTER ... FOR EACH ROW, not % ... FOR EACH % (trigger "%" on %.%)',
-                TG_WHEN, TG_LEVEL, TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME
-            USING ERRCODE = 'trigger_protocol_violated',
-                  HINT = 'A BEFORE trigger can publish an event for a row that a later trigger or ON CONFLICT DO NOTHING then skips. Use CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW.';
-    END IF;
-    IF TG_NARGS < 2 OR TG_NARGS > 5 THEN
-        RAISE EXCEPTION 'outbox_row_trigger() takes 2 to 5 arguments, trigger "%" on %.% gives %',
-                TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_NARGS
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Arguments: aggregate type, key column[, insert event type[, update event type[, delete event type]]], e.g. outbox_row_trigger(''Order'', ''id'').';
-    END IF;
-    row_json := to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END);
-    IF NOT row_json ? TG_ARGV[1] THEN
-        RAISE EXCEPTION 'outbox_row_trigger(): table %.% has no column "%" (trigger "%")',
-                TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_ARGV[1], TG_NAME
-            USING ERRCODE = 'undefined_column',
-                  HINT = 'The second argument names the column whose value becomes the aggregate id (the Kafka key).';
-    END IF;
-    event_type := CASE TG_OP
-        WHEN 'INSERT' THEN coalesce(TG_ARGV[2], TG_ARGV[0] || 'Created')
-        WHEN 'UPDATE' THEN coalesce(TG_ARGV[3], TG_ARGV[0] || 'Updated')
-        WHEN 'DELETE' THEN coalesce(TG_ARGV[4], TG_ARGV[0] || 'Deleted')
-    END;
-    PERFORM @extschema@.outbox_emit(TG_ARGV[0], row_json ->> TG_ARGV[1], event_type, row_json);
-    RETURN NULL;
-END
-$$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_row_trigger';
 
 -- Least privilege: nothing for PUBLIC; the producer role may emit, insert
 -- and attach the ready trigger, and nothing else.

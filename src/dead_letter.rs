@@ -40,16 +40,25 @@ pub struct Pending {
     pub from_report: bool,
 }
 
+/// A commit time (µs since 2000-01-01) as timestamptz, computed here rather
+/// than with SQL arithmetic a user could shadow.
+fn committed_at(pg_micros: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
+    pgrx::datum::TimestampWithTimeZone::try_from(pg_micros).ok()
+}
+
 /// Writes the letters in one transaction, committed on return. A letter
 /// already there (the worker restarted before confirming past it and Kafka
 /// rejected it again) gets the new reason and time.
 pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> {
     let sql = format!(
+        // Run as the bootstrap superuser: every type, function and operator
+        // is named with its schema, so nothing resolves through a
+        // search_path a user could write to (the worker pins it too).
         "INSERT INTO {schema}.outbox_dead_letter
              (id, aggregatetype, aggregateid, type, payload, headers, topic, reason, commit_lsn, committed_at)
-         VALUES ($1::uuid, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9::pg_lsn,
-                 '2000-01-01 00:00:00+00'::timestamptz + $10 * interval '1 microsecond')
-         ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, dead_lettered_at = now()"
+         VALUES ($1::pg_catalog.uuid, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.jsonb, $7, $8,
+                 $9::pg_catalog.pg_lsn, $10)
+         ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, dead_lettered_at = pg_catalog.now()"
     );
     BackgroundWorker::transaction(|| {
         for p in letters {
@@ -68,7 +77,7 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
                 l.topic.as_deref().into(),
                 p.reason.as_str().into(),
                 lsn::format(p.commit_lsn).into(),
-                l.commit_time.into(),
+                committed_at(l.commit_time).into(),
             ];
             Spi::run_with_args(&sql, &args)?;
         }

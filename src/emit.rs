@@ -14,7 +14,7 @@ use crate::{ffi, key, row, settings, slot};
 
 /// Everything about the server that must hold for an event written now to be
 /// published: refused loudly here rather than silently never decoded.
-fn preflight(what: &CStr) -> &'static message::Key {
+pub(crate) fn preflight(what: &CStr) -> &'static message::Key {
     // SAFETY: both functions only read global state and raise an ERROR
     // with the standard SQLSTATE when the transaction cannot write.
     unsafe {
@@ -34,11 +34,17 @@ fn preflight(what: &CStr) -> &'static message::Key {
     check_slot();
     match key::get() {
         Ok(k) => k,
-        Err(e) => raise(
+        Err(e) if crate::shmem::shared().is_none() => raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "outbox is not loaded at server start",
             Some(e),
             Some("Add outbox to shared_preload_libraries in postgresql.conf and restart the server.".into()),
+        ),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "outbox's message key is missing: events cannot be signed",
+            Some(e),
+            Some("SELECT last_error FROM outbox_status says why and what to do (README runbook: \"The message key is missing\").".into()),
         ),
     }
 }
@@ -203,18 +209,39 @@ unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, first: usize, id: [u8; 16], key
             pgrx::fcinfo::pg_getarg::<&str>(fcinfo, first + 5),
         )
     };
+    write_event(
+        key,
+        id,
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        payload.as_deref(),
+        headers.as_ref().map(|h| &h.0),
+        topic,
+    );
+    pgrx::Uuid::from_bytes(id).into_datum().unwrap_or(pg_sys::Datum::from(0))
+}
+
+
+/// Validates one event given as plain values and writes it as a
+/// transactional logical message. It runs no user code: every value is
+/// already text or parsed JSON, so it is what a caller's rights reach,
+/// nothing more (`outbox_row_trigger` builds the row's JSON first, as the
+/// caller).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_event(
+    key: &message::Key,
+    id: [u8; 16],
+    aggregate_type: Option<&str>,
+    aggregate_id: Option<&str>,
+    event_type: Option<&str>,
+    payload: Option<&str>,
+    headers: Option<&serde_json::Value>,
+    topic: Option<&str>,
+) {
     let checked = check_or_raise(settings::with_topic_template(|t| {
-        validate::event(
-            t,
-            settings::max_event_bytes(),
-            aggregate_type,
-            aggregate_id,
-            event_type,
-            payload.as_deref(),
-            headers.as_ref().map(|h| &h.0),
-            topic,
-        )
-        .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
+        validate::event(t, settings::max_event_bytes(), aggregate_type, aggregate_id, event_type, payload, headers, topic)
+            .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
     }));
     let (aggregate_type, aggregate_id, event_type, headers, topic) = checked;
     let ev = Event {
@@ -224,7 +251,7 @@ unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, first: usize, id: [u8; 16], key
         event_type,
         topic,
         headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-        payload: payload.as_deref().unwrap_or("null"),
+        payload: payload.unwrap_or("null"),
     };
     let bytes = message::encode(key, &ev);
     crate::shmem::wake_at_commit();
@@ -233,15 +260,9 @@ unsafe fn emit(fcinfo: pg_sys::FunctionCallInfo, first: usize, id: [u8; 16], key
     // Postgres ERROR inside it into a Rust unwind.
     unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            ffi::LogLogicalMessage(
-                c"outbox".as_ptr(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                true,
-            )
+            ffi::LogLogicalMessage(c"outbox".as_ptr(), bytes.as_ptr().cast(), bytes.len(), true)
         });
     }
-    pgrx::Uuid::from_bytes(id).into_datum().unwrap_or(pg_sys::Datum::from(0))
 }
 
 

@@ -5,6 +5,12 @@
 //! and those can forge events anyway). The postmaster creates it on first
 //! start and every process it forks inherits it; a physical standby made by
 //! pg_basebackup carries it, so events still in WAL after a failover verify.
+//!
+//! A key is made only while no replication slot uses the outbox plugin. If
+//! the file is missing while such a slot exists (a file-level restore that
+//! left it out, say), the events in that slot's WAL were signed with the
+//! lost key: a new key would fail every one of them. The relay then waits in
+//! the state "key missing" until the file is restored or the slots dropped.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -33,8 +39,12 @@ fn read() -> Result<Key, String> {
         .ok_or_else(|| format!("{} has {} bytes, expected {KEY_LEN}", p.display(), bytes.len()))
 }
 
-fn create() -> Result<Key, String> {
+/// Makes and stores a new key; refuses if a key file appeared meanwhile.
+pub fn create() -> Result<&'static Key, String> {
     let p = path();
+    if p.exists() {
+        return get();
+    }
     let mut bytes = [0u8; KEY_LEN];
     // SAFETY: the buffer is KEY_LEN writable bytes.
     if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), KEY_LEN) } {
@@ -46,21 +56,59 @@ fn create() -> Result<Key, String> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &p)
+        std::fs::rename(&tmp, &p)?;
+        // The rename is durable once the directory is synced.
+        std::fs::File::open(p.parent().unwrap_or(std::path::Path::new(".")))?.sync_all()
     };
     write().map_err(|e| format!("could not create {}: {e}", p.display()))?;
-    Ok(Key::new(bytes))
+    let _ = KEY.set(Key::new(bytes));
+    get()
+}
+
+/// Slots on disk that use the outbox plugin, found before shared memory
+/// holds any slot (the postmaster loads libraries before slots are read).
+/// A slot's state file keeps its plugin as a 64-byte NUL-padded name after
+/// the slot's own name; searching for that exact 64-byte pattern past the
+/// name does not depend on the file's layout, which changes between majors.
+fn outbox_slots_on_disk() -> Vec<String> {
+    let mut plugin = [0u8; 64];
+    plugin[..6].copy_from_slice(b"outbox");
+    let dir = path().with_file_name("pg_replslot");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Ok(bytes) = std::fs::read(e.path().join("state")) else { continue };
+        // magic, checksum, version, length (16 bytes), then the slot's name (64).
+        let after_name = bytes.get(16 + 64..).unwrap_or_default();
+        if after_name.windows(plugin.len()).any(|w| w == plugin) {
+            found.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
 }
 
 /// Called in the postmaster from `_PG_init`: load the key, creating it on
 /// the first start. Failing here is fatal to startup, which is the right
 /// time for a DBA to hear about an unwritable data directory.
 pub fn init_in_postmaster() -> Result<(), String> {
-    let key = match path().exists() {
-        true => read()?,
-        false => create()?,
-    };
-    let _ = KEY.set(key);
+    if path().exists() {
+        let _ = KEY.set(read()?);
+        return Ok(());
+    }
+    let slots = outbox_slots_on_disk();
+    if slots.is_empty() {
+        create()?;
+    } else {
+        // Not fatal: the server is needed to repair this. Nothing is
+        // emitted (outbox_emit() refuses) or decoded until it is.
+        pgrx::warning!(
+            "outbox: {} is missing but replication slot(s) \"{}\" use the outbox plugin; no new key is made \
+             (events in their WAL were signed with the old one). Restore the file from the backup this data \
+             directory came from; see the README's runbook, \"The message key is missing\"",
+            path().display(),
+            slots.join("\", \"")
+        );
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ mod ops;
 mod plugin;
 mod publisher;
 mod row;
+mod row_trigger;
 mod settings;
 mod shmem;
 mod slot;
@@ -185,6 +186,8 @@ mod tests {
         assert_eq!(show("outbox.topic_template"), "outbox.event.${aggregatetype}");
         assert_eq!(show("outbox.max_event_bytes"), "999000B");
         assert_eq!(show("outbox.kafka_bootstrap_servers"), "localhost:9092");
+        // The broker's default.replication.factor, not 1.
+        assert_eq!(show("outbox.topic_replication_factor"), "-1");
     }
 
     #[pg_test(error = "invalid configuration parameter name \"outbox.slotname\"")]

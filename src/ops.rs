@@ -23,8 +23,9 @@ fn relay_shared() -> &'static shmem::Shared {
 /// `outbox_drain(timeout_ms integer DEFAULT 30000, upto pg_lsn DEFAULT NULL) RETURNS boolean`
 ///
 /// Waits until every transaction committed before `upto` (default: the
-/// current WAL flush position, which covers everything this session has
-/// committed) is acknowledged by Kafka and confirmed to the slot. Returns
+/// current WAL insert position, flushed first, which covers everything
+/// committed so far, asynchronous commits included) is acknowledged by
+/// Kafka and confirmed to the slot. Returns
 /// false on timeout. For tests, switchovers and upgrades.
 #[no_mangle]
 #[pg_guard]
@@ -38,8 +39,7 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
         )
     };
     let shared = relay_shared();
-    // SAFETY: GetFlushRecPtr only reads shared state.
-    let target = upto.unwrap_or_else(|| unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) });
+    let target = upto.unwrap_or_else(drain_target);
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64);
     loop {
         if shared.confirmed() >= target {
@@ -56,6 +56,31 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
 }
 
 crate::ffi::function_info_v1!(pg_finfo_outbox_drain);
+
+/// Everything written so far, flushed: a commit made with
+/// `synchronous_commit = off` returns before its WAL is flushed, and the
+/// relay decodes only flushed WAL, so waiting for the flush position alone
+/// would return before such a commit is published.
+fn drain_target() -> u64 {
+    // SAFETY: RecoveryInProgress reads shared state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "outbox_drain() cannot run during recovery",
+            Some("The relay publishes from the primary; a standby has nothing of its own to drain.".into()),
+            Some("Call outbox_drain() on the primary.".into()),
+        );
+    }
+    // SAFETY: GetXLogInsertRecPtr reads shared WAL state under its lock;
+    // XLogFlush of WAL already inserted is what any COMMIT does (it raises
+    // on an I/O error, through pgrx's guarded binding); wal_segment_size is
+    // a plain global set at startup.
+    unsafe {
+        let insert = pg_sys::GetXLogInsertRecPtr();
+        pg_sys::XLogFlush(insert);
+        outbox_core::lsn::insert_as_record_end(insert, pg_sys::XLOG_BLCKSZ as u64, pg_sys::wal_segment_size as u64)
+    }
+}
 
 /// `outbox_relay_status()`: the worker's shared-memory status (read without
 /// locks, so reading it never blocks the worker) and the slot's positions.
@@ -80,6 +105,8 @@ fn outbox_relay_status() -> TableIterator<
         name!(events_in_flight, i64),
         name!(retries, i64),
         name!(dead_letters, i64),
+        name!(forged_messages, i64),
+        name!(unverified_events, i64),
         name!(worker_starts, i64),
         name!(peak_rss_kb, i64),
         name!(broker_reachable, bool),
@@ -118,6 +145,8 @@ fn outbox_relay_status() -> TableIterator<
         s.in_flight as i64,
         s.retries as i64,
         s.dead_letters as i64,
+        s.forged_messages as i64,
+        s.unverified_events as i64,
         s.starts as i64,
         s.peak_rss_kb as i64,
         s.broker_up,

@@ -39,6 +39,29 @@ struct State {
     is_outbox: HashMap<pg_sys::Oid, bool>,
     bin: Vec<u8>,
     text: String,
+    /// Reset after each change and message, as test_decoding does: what a
+    /// row's decoding pallocs (detoasted values, jsonb's text output) would
+    /// otherwise live until the whole transaction is replayed.
+    per_change: pg_sys::MemoryContext,
+}
+
+/// Runs `f` in the plugin's per-change memory context, then frees all it
+/// allocated there. Output records are copied out by the write callback
+/// (and ctx->out lives in the decoding context), so nothing outlives it.
+///
+/// # Safety
+/// `ctx` must be a decoding context whose startup callback has run.
+unsafe fn in_change_context<R>(ctx: *mut pg_sys::LogicalDecodingContext, f: impl FnOnce() -> R) -> R {
+    // SAFETY: per_change was created in startup as a child of the decoding
+    // context and lives as long as the plugin state.
+    unsafe {
+        let mem = state(ctx).per_change;
+        let old = pg_sys::MemoryContextSwitchTo(mem);
+        let r = f();
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::MemoryContextReset(mem);
+        r
+    }
 }
 
 #[no_mangle]
@@ -90,7 +113,14 @@ unsafe extern "C-unwind" fn startup(
             Format::Binary => pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT,
         };
         (*opt).receive_rewrites = false;
-        let st = Box::new(State { format, is_outbox: HashMap::new(), bin: Vec::new(), text: String::new() });
+        let per_change = pg_sys::AllocSetContextCreateExtended(
+            (*ctx).context,
+            c"outbox per-change".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        let st = Box::new(State { format, is_outbox: HashMap::new(), bin: Vec::new(), text: String::new(), per_change });
         (*ctx).output_plugin_private = Box::into_raw(st).cast();
     }
 }
@@ -162,15 +192,12 @@ unsafe extern "C-unwind" fn message_cb(
 ) {
     // SAFETY: prefix is a NUL-terminated string and message points to
     // message_size bytes, both owned by the reorder buffer for this call.
-    unsafe {
+    unsafe { in_change_context(ctx, || {
         if CStr::from_ptr(prefix).to_bytes() != MESSAGE_PREFIX.as_bytes() {
             return;
         }
         if !transactional || txn.is_null() {
-            warning!(
-                "outbox: skipping non-transactional message with prefix \"{MESSAGE_PREFIX}\" at LSN {}: outbox_emit() writes only transactional messages",
-                lsn::format(message_lsn)
-            );
+            not_an_event(message_lsn, "non-transactional (outbox_emit() writes only transactional messages)");
             return;
         }
         let bytes = std::slice::from_raw_parts(message.cast::<u8>(), message_size);
@@ -178,15 +205,48 @@ unsafe extern "C-unwind" fn message_cb(
             Ok(k) => k,
             Err(e) => error!("outbox: cannot verify events: {e}"),
         };
-        let event = match message::decode(key, bytes) {
-            Ok(ev) => ev,
+        let (source, event) = match message::decode(key, bytes) {
+            Ok(ev) => (Source::Emit, ev),
+            // Well formed but not signed with this server's key: kept and
+            // handed on as unverified (the relay dead-letters it or stops,
+            // outbox.on_rejected_event), never dropped in silence.
+            Err(message::MessageError::BadTag) => match message::decode_unverified(bytes) {
+                Ok(ev) => (Source::Unverified, ev),
+                Err(e) => {
+                    not_an_event(message_lsn, &e.to_string());
+                    return;
+                }
+            },
             Err(e) => {
-                warning!("outbox: skipping message at LSN {} (xid {}): {e}", lsn::format(message_lsn), (*txn).xid);
+                not_an_event(message_lsn, &e.to_string());
                 return;
             }
         };
         let (xid, commit_lsn, commit_time) = commit_info(txn);
-        emit(ctx, DecodedEvent { source: Source::Emit, xid, commit_lsn, commit_time, lsn: message_lsn, event });
+        emit(ctx, DecodedEvent { source, xid, commit_lsn, commit_time, lsn: message_lsn, event });
+    }) }
+}
+
+/// A message with our prefix that is no event at all (any role can write one
+/// with pg_logical_emit_message()): skipped, counted in the relay's status,
+/// and logged at most once a minute per process so it cannot flood the log.
+fn not_an_event(at: pg_sys::XLogRecPtr, why: &str) {
+    thread_local! {
+        static LIMIT: std::cell::RefCell<outbox_core::rate_limit::RateLimit> =
+            const { std::cell::RefCell::new(outbox_core::rate_limit::RateLimit::new(60_000)) };
+    }
+    if let Some(s) = crate::shmem::shared().filter(|s| s.is_worker()) {
+        s.add_forged();
+    }
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    let now_ms = (unsafe { pg_sys::GetCurrentTimestamp() } / 1000).max(0) as u64;
+    if let Some(unsaid) = LIMIT.with(|l| l.borrow_mut().note(now_ms)) {
+        let more = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+        warning!(
+            "outbox: skipping a message with prefix \"{MESSAGE_PREFIX}\" at LSN {} that is not an outbox event: {why}{more}; \
+             such messages are counted in outbox_status.forged_messages and logged at most once a minute",
+            lsn::format(at)
+        );
     }
 }
 
@@ -243,7 +303,7 @@ unsafe extern "C-unwind" fn change(
     change: *mut pg_sys::ReorderBufferChange,
 ) {
     // SAFETY: all pointers are the reorder buffer's for this change.
-    unsafe {
+    unsafe { in_change_context(ctx, || {
         if (*change).action != pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT {
             return;
         }
@@ -287,5 +347,5 @@ unsafe extern "C-unwind" fn change(
         };
         let (xid, commit_lsn, commit_time) = commit_info(txn);
         emit(ctx, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });
-    }
+    }) }
 }

@@ -23,12 +23,17 @@ use outbox_core::confirm::TxnSeq;
 use crate::dead_letter::Letter;
 use outbox_core::{format_uuid_into, time};
 
-/// Properties the relay sets itself and refuses to let a user override.
-pub const FIXED: [(&str, &str); 4] = [
+/// Properties the relay sets itself. The settings refuse them, under any
+/// of their names, when set (`kafka_props::check`); they are applied last.
+pub const FIXED: [(&str, &str); 5] = [
     ("enable.idempotence", "true"),
     ("acks", "all"),
     ("message.timeout.ms", "0"),
     ("partitioner", "murmur2_random"),
+    // A metadata request for one topic must never create it with the
+    // broker's defaults: topics are created by the relay, as
+    // outbox.topic_creation, topic_partitions and topic_replication_factor say.
+    ("allow.auto.create.topics", "false"),
 ];
 
 /// One delivery report, as the worker needs it.
@@ -153,11 +158,15 @@ impl Publisher {
             // The local queue bounds the worker's memory during a large
             // transaction (a full queue is waited out, never an error); 32 MiB
             // keeps the broker busy without holding a transaction in memory.
-            .set("queue.buffering.max.kbytes", "32768")
+            // At least twice the largest event outbox.max_event_bytes
+            // allows, so an event never waits for room that cannot exist.
+            .set("queue.buffering.max.kbytes", queue_kbytes(max_event_bytes).to_string())
             .set("queue.buffering.max.messages", "20000");
         let mut ignored = Vec::new();
         for (k, v) in user {
-            if FIXED.iter().any(|(f, _)| f == k) {
+            // Refused by the settings already; kept as a second line.
+            let c = outbox_core::kafka_props::canonical(k);
+            if FIXED.iter().any(|(f, _)| outbox_core::kafka_props::canonical(f) == c) {
                 ignored.push(k.clone());
             } else {
                 config.set(k, v);
@@ -175,14 +184,19 @@ impl Publisher {
     /// Makes sure `topic` exists, creating it when creation is on. Returns
     /// the reason when it does not: `TopicError::Unreachable` is worth
     /// retrying, `TopicError::Missing` is not until an operator acts.
-    pub fn ensure_topic(&mut self, topic: &str, creation: &TopicCreation) -> Result<(), TopicError> {
+    pub fn ensure_topic(
+        &mut self,
+        topic: &str,
+        creation: &TopicCreation,
+        mut interrupts: impl FnMut(),
+    ) -> Result<(), TopicError> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
         let md = self
             .producer
             .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .fetch_metadata(Some(topic), Duration::from_secs(2))
             .map_err(|e| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}")))?;
         let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if !exists {
@@ -191,16 +205,17 @@ impl Publisher {
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
                 )));
             }
-            self.create_topic(topic, creation).map_err(TopicError::Missing)?;
+            self.create_topic(topic, creation, &mut interrupts)?;
             // Produce only once the broker serves the new topic's metadata
             // with leaders: a young broker may fail a produce that races
             // the creation.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
+                interrupts();
                 let ready = self
                     .producer
                     .client()
-                    .fetch_metadata(Some(topic), Duration::from_secs(2))
+                    .fetch_metadata(Some(topic), Duration::from_millis(500))
                     .map(|md| {
                         md.topics().iter().any(|t| {
                             t.name() == topic
@@ -216,21 +231,51 @@ impl Publisher {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        if self.known_topics.len() >= KNOWN_TOPICS_MAX {
+            self.known_topics.clear();
+        }
         self.known_topics.insert(topic.to_owned());
         Ok(())
     }
 
-    fn create_topic(&self, topic: &str, creation: &TopicCreation) -> Result<(), String> {
-        let admin: AdminClient<DefaultClientContext> =
-            with_signals_blocked(|| self.config.create()).map_err(|e| format!("admin client: {e}"))?;
-        let new = NewTopic::new(topic, creation.partitions, TopicReplication::Fixed(creation.replication_factor));
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let res = futures_executor::block_on(admin.create_topics([&new], &opts)).map_err(|e| format!("create topic \"{topic}\": {e}"))?;
+    /// Creates the topic. The request runs on a thread of its own while the
+    /// worker waits for it in short steps, serving `interrupts` (SIGTERM
+    /// stops the worker at once). A failure the broker may not repeat (a
+    /// timeout, no controller yet) is `Unreachable`: retried, never a
+    /// reason to dead-letter the event.
+    fn create_topic(&self, topic: &str, creation: &TopicCreation, interrupts: &mut impl FnMut()) -> Result<(), TopicError> {
+        let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create())
+            .map_err(|e| TopicError::Unreachable(format!("could not create a Kafka admin client: {e}")))?;
+        let (name, partitions, rf) = (topic.to_owned(), creation.partitions, creation.replication_factor);
+        let (tx, rx) = std::sync::mpsc::channel();
+        with_signals_blocked(|| {
+            std::thread::Builder::new().name("outbox-admin".into()).spawn(move || {
+                let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(rf));
+                let opts = AdminOptions::new()
+                    .operation_timeout(Some(Duration::from_secs(10)))
+                    .request_timeout(Some(Duration::from_secs(15)));
+                let _ = tx.send(futures_executor::block_on(admin.create_topics([&new], &opts)));
+            })
+        })
+        .map_err(|e| TopicError::Unreachable(format!("could not start a thread to create topic \"{topic}\": {e}")))?;
+        let res = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => break r,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(TopicError::Unreachable(format!("creating topic \"{topic}\" gave no answer")))
+                }
+            }
+        };
+        let res = res.map_err(|e| TopicError::Unreachable(format!("create topic \"{topic}\": {e}")))?;
         for r in res {
             match r {
                 Ok(_) => {}
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((t, code)) => return Err(format!("create topic \"{t}\": {code}")),
+                Err((t, code)) if outbox_core::kafka_errors::is_transient_admin(code as i32) => {
+                    return Err(TopicError::Unreachable(format!("create topic \"{t}\": {code} (retrying)")))
+                }
+                Err((t, code)) => return Err(TopicError::Missing(format!("create topic \"{t}\": {code}"))),
             }
         }
         Ok(())
@@ -307,6 +352,40 @@ impl Publisher {
         }
     }
 
+}
+
+/// The producer's local queue in KiB: 32 MiB, or room for two of the largest
+/// events allowed when that is more.
+fn queue_kbytes(max_event_bytes: usize) -> usize {
+    (2 * (max_event_bytes + 1024)).div_ceil(1024).max(32 * 1024)
+}
+
+/// Topics known to exist, remembered up to this many (then forgotten and
+/// asked again), so a template routing to ever new topics cannot grow the
+/// worker's memory without bound.
+const KNOWN_TOPICS_MAX: usize = 10_000;
+
+impl Publisher {
+    /// Destroys the client, waiting at most `limit` for librdkafka's threads
+    /// to end: the worker must not exit with them running (exit-time
+    /// cleanup of OpenSSL and the like would race them). Returns how long
+    /// it took, or None if it did not finish in time.
+    pub fn close(self, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Dropped on a thread of its own so the wait is bounded; signals
+        // stay with the worker's thread.
+        let spawned = with_signals_blocked(|| {
+            std::thread::Builder::new().name("outbox-close".into()).spawn(move || {
+                drop(self);
+                let _ = tx.send(());
+            })
+        });
+        match spawned {
+            Ok(_) => rx.recv_timeout(limit).ok().map(|()| start.elapsed()),
+            Err(_) => None,
+        }
+    }
 }
 
 /// librdkafka starts threads that inherit the creating thread's signal

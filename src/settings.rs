@@ -66,7 +66,9 @@ pub fn init() {
         GucRegistry::define_string_guc_with_hooks(
             c"outbox.kafka_properties",
             c"Extra librdkafka properties, key=value pairs separated by ';'.",
-            c"Reloadable. Superuser-only because it holds credentials (sasl.password, ssl.key.password).",
+            c"Reloadable. Superuser-only because it holds credentials (sasl.password, ssl.key.password). Properties \
+              the relay sets itself are refused under any of their names; properties that load code, run commands \
+              or read files are accepted only in outbox.kafka_properties_file.",
             &KAFKA_PROPERTIES,
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY,
@@ -157,9 +159,17 @@ pub fn bootstrap_servers() -> String {
 /// refused values that do not parse; the file may have changed since, so
 /// its errors are returned (naming the file, never a value).
 pub fn kafka_properties() -> Result<Vec<(String, String)>, String> {
-    let setting = kafka_props::parse(&string(&KAFKA_PROPERTIES)).unwrap_or_default();
+    let setting = setting_properties(&string(&KAFKA_PROPERTIES)).map_err(|e| format!("outbox.kafka_properties: {e}"))?;
     let file = read_properties_file(&string(&KAFKA_PROPERTIES_FILE))?;
     kafka_props::merge(setting, file)
+}
+
+/// The setting's properties, refused as a whole when one of them may not
+/// come from a setting (see `kafka_props::check`).
+fn setting_properties(value: &str) -> Result<Vec<(String, String)>, String> {
+    let props = kafka_props::parse(value)?;
+    kafka_props::check(&props, kafka_props::Origin::Setting)?;
+    Ok(props)
 }
 
 fn read_properties_file(path: &str) -> Result<Vec<(String, String)>, String> {
@@ -170,7 +180,9 @@ fn read_properties_file(path: &str) -> Result<Vec<(String, String)>, String> {
         return Err(format!("outbox.kafka_properties_file \"{path}\" must be an absolute path"));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read outbox.kafka_properties_file \"{path}\": {e}"))?;
-    kafka_props::parse_file(&text).map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))
+    kafka_props::parse_file(&text)
+        .and_then(|props| kafka_props::check(&props, kafka_props::Origin::File).map(|()| props))
+        .map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))
 }
 
 pub fn max_event_bytes() -> usize {
@@ -253,7 +265,7 @@ unsafe extern "C-unwind" fn check_kafka_properties(
 ) -> bool {
     // SAFETY: see new_value / check_failed.
     unsafe {
-        match kafka_props::parse(new_value(newval)) {
+        match setting_properties(new_value(newval)) {
             Ok(_) => true,
             Err(e) => check_failed(&e),
         }
@@ -292,7 +304,7 @@ unsafe extern "C-unwind" fn check_topic_template(
 
 static TOPIC_CREATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(1);
-static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(1);
+static TOPIC_REPLICATION_FACTOR: GucSetting<i32> = GucSetting::<i32>::new(-1);
 static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
 static DELETE_PUBLISHED_ROWS: GucSetting<bool> = GucSetting::<bool>::new(true);
 static RELAY_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -352,16 +364,21 @@ pub fn init_relay() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
+    // SAFETY: the check hook is a #[pg_guard] function.
+    unsafe { GucRegistry::define_int_guc_with_hooks(
         c"outbox.topic_replication_factor",
-        c"Replication factor of topics the relay creates.",
-        c"Reloadable; applies to topics created afterwards.",
+        c"Replication factor of topics the relay creates; -1: the broker's default.replication.factor.",
+        c"Reloadable; applies to topics created afterwards. With -1 (default) the broker decides, as for topics \
+          its own tools create; set the topic's or broker's min.insync.replicas so that acks=all means what you need.",
         &TOPIC_REPLICATION_FACTOR,
-        1,
+        -1,
         32,
         GucContext::Sighup,
         GucFlags::default(),
-    );
+        Some(check_replication_factor),
+        None,
+        None,
+    ) };
     GucRegistry::define_int_guc(
         c"outbox.linger_ms",
         c"librdkafka linger.ms of the relay's producer: how long it waits to batch.",
@@ -451,6 +468,20 @@ pub fn producer_fingerprint() -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{:?}", kafka_properties()).hash(&mut h);
     format!("{}\u{1}{}\u{1}{}\u{1}{:x}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_replication_factor(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: the GUC machinery passes a valid pointer to the new value.
+    if unsafe { *newval } == 0 {
+        // SAFETY: see check_failed.
+        return unsafe { check_failed("a topic needs at least one replica; use -1 for the broker's default") };
+    }
+    true
 }
 
 #[pg_guard]

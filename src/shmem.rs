@@ -28,6 +28,10 @@ pub enum State {
     /// Postgres invalidated the slot (max_slot_wal_keep_size); the worker
     /// waits for an operator to drop it, then creates a new one.
     SlotInvalidated = 6,
+    /// `$PGDATA/outbox.key` is missing while an outbox slot exists: the
+    /// events in its WAL were signed with the lost key. Nothing is decoded
+    /// or confirmed until the file is restored or the slots are dropped.
+    KeyMissing = 7,
 }
 
 impl State {
@@ -40,6 +44,7 @@ impl State {
             State::StoppedOnBadEvent => "stopped on bad event",
             State::Disabled => "disabled",
             State::SlotInvalidated => "slot invalidated",
+            State::KeyMissing => "key missing",
         }
     }
 
@@ -51,6 +56,7 @@ impl State {
             4 => State::StoppedOnBadEvent,
             5 => State::Disabled,
             6 => State::SlotInvalidated,
+            7 => State::KeyMissing,
             _ => State::NotRunning,
         }
     }
@@ -71,6 +77,12 @@ pub struct Shared {
     retries: AtomicU64,
     /// Events moved to the dead-letter table.
     dead_letters: AtomicU64,
+    /// Messages with our prefix that are not events at all (malformed, an
+    /// unknown version, non-transactional): skipped, counted here.
+    forged_messages: AtomicU64,
+    /// Well-formed events whose tag did not verify with this server's key:
+    /// handled as rejected events, counted here.
+    unverified_events: AtomicU64,
     in_flight: AtomicU64,
     /// Commit time (µs since 2000) of the oldest unacknowledged commit, 0 if none.
     oldest_unacked_commit_time: AtomicI64,
@@ -87,6 +99,11 @@ pub struct Shared {
     error_words: [AtomicU64; ERROR_WORDS],
     /// Set by outbox_relay_resume(): a stopped worker restarts and resumes.
     resume_requested: AtomicBool,
+    /// Consecutive transient failures of one event, across worker restarts
+    /// (outbox_core::retry): the event id's two halves and the attempts.
+    streak_hi: AtomicU64,
+    streak_lo: AtomicU64,
+    streak_attempts: AtomicU32,
 }
 
 const ERROR_WORDS: usize = 128; // 1 KiB of message
@@ -102,6 +119,8 @@ impl Default for Shared {
             bytes_published: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
+            forged_messages: AtomicU64::new(0),
+            unverified_events: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             oldest_unacked_commit_time: AtomicI64::new(0),
             restarts: AtomicU64::new(0),
@@ -113,6 +132,9 @@ impl Default for Shared {
             error_time: AtomicI64::new(0),
             error_words: std::array::from_fn(|_| AtomicU64::new(0)),
             resume_requested: AtomicBool::new(false),
+            streak_hi: AtomicU64::new(0),
+            streak_lo: AtomicU64::new(0),
+            streak_attempts: AtomicU32::new(0),
         }
     }
 }
@@ -186,6 +208,20 @@ impl Shared {
         self.dead_letters.fetch_add(n, Ordering::Relaxed);
     }
 
+    pub fn add_forged(&self) -> u64 {
+        self.forged_messages.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn add_unverified(&self) {
+        self.unverified_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the calling process is the relay worker.
+    pub fn is_worker(&self) -> bool {
+        // SAFETY: MyProcPid is a plain global.
+        self.worker_pid.load(Ordering::Relaxed) == unsafe { pg_sys::MyProcPid }
+    }
+
     pub fn set_in_flight(&self, n: u64, oldest_commit_time: i64) {
         self.in_flight.store(n, Ordering::Relaxed);
         self.oldest_unacked_commit_time.store(oldest_commit_time, Ordering::Relaxed);
@@ -239,6 +275,24 @@ impl Shared {
         None
     }
 
+    /// The current streak of transient failures; only the worker writes it.
+    pub fn streak(&self) -> Option<outbox_core::retry::Streak> {
+        let attempts = self.streak_attempts.load(Ordering::Relaxed);
+        (attempts > 0).then(|| {
+            let mut event = [0u8; 16];
+            event[..8].copy_from_slice(&self.streak_hi.load(Ordering::Relaxed).to_be_bytes());
+            event[8..].copy_from_slice(&self.streak_lo.load(Ordering::Relaxed).to_be_bytes());
+            outbox_core::retry::Streak { event, attempts }
+        })
+    }
+
+    pub fn set_streak(&self, s: outbox_core::retry::Streak) {
+        let (hi, lo) = s.event.split_at(8);
+        self.streak_hi.store(u64::from_be_bytes(hi.try_into().unwrap_or_default()), Ordering::Relaxed);
+        self.streak_lo.store(u64::from_be_bytes(lo.try_into().unwrap_or_default()), Ordering::Relaxed);
+        self.streak_attempts.store(s.attempts, Ordering::Relaxed);
+    }
+
     pub fn request_resume(&self) {
         self.resume_requested.store(true, Ordering::Release);
         self.wake_worker();
@@ -275,6 +329,8 @@ impl Shared {
             bytes_published: self.bytes_published.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
+            forged_messages: self.forged_messages.load(Ordering::Relaxed),
+            unverified_events: self.unverified_events.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             oldest_unacked_commit_time: self.oldest_unacked_commit_time.load(Ordering::Relaxed),
             starts: self.restarts.load(Ordering::Relaxed),
@@ -305,6 +361,8 @@ pub struct Snapshot {
     pub bytes_published: u64,
     pub retries: u64,
     pub dead_letters: u64,
+    pub forged_messages: u64,
+    pub unverified_events: u64,
     pub in_flight: u64,
     pub oldest_unacked_commit_time: i64,
     pub starts: u64,

@@ -34,7 +34,7 @@ use pgrx::prelude::*;
 use outbox_core::confirm::{Tracker, TxnSeq};
 use outbox_core::decoded;
 use outbox_core::topic::TopicTemplate;
-use outbox_core::{lsn, wal_guard};
+use outbox_core::{lsn, retry, wal_guard};
 
 use crate::dead_letter;
 use crate::ffi;
@@ -67,20 +67,63 @@ pub fn register() {
         .load();
 }
 
+/// Runs first at every exit, while the slot is still ours: InitPostgres
+/// registers the release of the slot (ReplicationSlotShmemExit) as a
+/// before_shmem_exit callback too, and such callbacks run last-registered
+/// first, so this one is registered after connecting. Writing the slot here
+/// (the confirmed position, one small file and its fsyncs) means a clean
+/// stop, a restart for new settings or `outbox.relay_enabled = off`
+/// re-sends nothing, whatever the confirm_save_interval.
 #[pg_guard]
-unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
-    // SAFETY: runs before ProcKill releases the slot, so MyReplicationSlot
-    // is still ours if set. Marking it dirty (a flag under its spinlock, no
-    // I/O, safe while exiting) makes the shutdown checkpoint write the last
-    // confirmed position: a clean stop re-sends nothing, whatever the
-    // confirm_save_interval.
+unsafe extern "C-unwind" fn save_slot_at_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    // SAFETY: MyReplicationSlot, if set, is the slot this process acquired;
+    // marking it dirty and saving it is what the relay does on its cadence.
     unsafe {
         if !pg_sys::MyReplicationSlot.is_null() {
             pg_sys::ReplicationSlotMarkDirty();
+            pg_sys::ReplicationSlotSave();
         }
     }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    close_kafka_client();
     if let Some(s) = shmem::shared() {
         s.detach_worker();
+    }
+}
+
+thread_local! {
+    /// The live relay's sink, for the exit callback: every exit (restart,
+    /// SIGTERM, an ERROR) goes through proc_exit, which runs the callbacks
+    /// and never returns to the frames that own it.
+    static LIVE_SINK: std::cell::Cell<*mut Sink> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// How long an exiting worker waits for librdkafka's threads to end.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Destroys the Kafka client before the process exits: exit-time cleanup
+/// (OpenSSL's, with TLS) must not race librdkafka's threads, or the worker
+/// crashes and the postmaster restarts the whole cluster.
+fn close_kafka_client() {
+    let sink = LIVE_SINK.with(|s| s.replace(std::ptr::null_mut()));
+    if sink.is_null() {
+        return;
+    }
+    // SAFETY: the sink is the Box the running Relay owns. We are in
+    // proc_exit, which ends in exit(): the Relay's frames are never
+    // returned to and no Rust destructor runs after this, so moving the
+    // publisher out (and dropping it) is its last use; LIVE_SINK was
+    // cleared first so it cannot happen twice.
+    let publisher = unsafe { std::ptr::read(&(*sink).publisher) };
+    match publisher.close(CLOSE_LIMIT) {
+        Some(t) => log!("outbox relay: Kafka client closed in {} ms", t.as_millis()),
+        None => warning!(
+            "outbox relay: the Kafka client did not close within {} s; exiting with its threads still running",
+            CLOSE_LIMIT.as_secs()
+        ),
     }
 }
 
@@ -101,12 +144,37 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
     set_state(shared, State::Starting, None);
     let database = settings::database();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // SAFETY: a plain function pointer valid for the process; see
+    // save_slot_at_exit for why it is registered only now.
+    unsafe { pg_sys::before_shmem_exit(Some(save_slot_at_exit), pg_sys::Datum::from(0)) };
+    pin_search_path();
     let slot = settings::slot_name();
     wait_until_enabled(shared, &slot);
     wait_while_invalidated(shared, &slot);
+    wait_for_key(shared);
     ensure_slot(&slot);
     let mut relay = Relay::start(shared, &slot);
     relay.run();
+}
+
+/// The worker runs SQL as the bootstrap superuser. Its search_path would
+/// come from the database's and the role's settings (`"$user", public` by
+/// default), where any role with CREATE on a schema could plant a better
+/// match for a function or operator it calls (`quote_ident(name)`, say) and
+/// run code as superuser. Pinned for the worker's life, at the highest
+/// source priority, before any query; the SQL also qualifies what it calls.
+fn pin_search_path() {
+    // SAFETY: SetConfigOption raises an ERROR for a bad value (this one is
+    // fixed and valid) and is what Postgres' own processes use to force a
+    // setting; pgrx's binding runs it behind the FFI guard.
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
 }
 
 /// With `outbox.relay_enabled = off` the worker stays up but touches
@@ -144,6 +212,68 @@ fn wait_while_invalidated(shared: &Shared, slot: &str) {
         set_state(shared, State::SlotInvalidated, Some("waiting for the slot to be dropped"));
         idle(1000);
     }
+}
+
+/// Events are verified with `$PGDATA/outbox.key`. If it is missing while an
+/// outbox slot exists, the events in that slot's WAL were signed with the
+/// lost key: making a new one would fail them all and confirm past them.
+/// Say so once, with the way out, and wait (decoding and confirming
+/// nothing) until the file is restored or the outbox slots are dropped.
+fn wait_for_key(shared: &Shared) {
+    let mut reported = false;
+    loop {
+        let err = match crate::key::get() {
+            Ok(_) => return,
+            Err(e) => e,
+        };
+        let slots = outbox_slots();
+        if slots.is_empty() {
+            match crate::key::create() {
+                Ok(_) => {
+                    log!("outbox relay: created a new message key ($PGDATA/outbox.key); no outbox slot existed");
+                    return;
+                }
+                Err(e) => error!("outbox relay: {e}"),
+            }
+        }
+        if !reported {
+            let list = slots.join("\", \"");
+            let msg = format!(
+                "the message key is missing ({err}) but replication slot(s) \"{list}\" use the outbox plugin: \
+                 events still in their WAL were signed with that key, and a new key would fail them all. \
+                 Restore outbox.key from the backup this data directory came from (same owner, mode 0600); \
+                 the relay resumes by itself. Only if it is lost for good: drop those slots, accepting that \
+                 events they had not published are lost (see the README's runbook, \"The message key is missing\")"
+            );
+            warning!("outbox relay: {msg}");
+            shared.set_error(&msg);
+            reported = true;
+        }
+        set_state(shared, State::KeyMissing, Some("waiting for $PGDATA/outbox.key to be restored"));
+        idle(1000);
+    }
+}
+
+/// Names of the replication slots (any database) that use the outbox plugin.
+fn outbox_slots() -> Vec<String> {
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT slot_name::pg_catalog.text FROM pg_catalog.pg_replication_slots
+                  WHERE plugin OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name ORDER BY 1",
+                None,
+                &[],
+            )?;
+            let mut names = Vec::new();
+            for r in rows {
+                if let Some(n) = r.get::<String>(1)? {
+                    names.push(n);
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(names)
+        })
+    })
+    .unwrap_or_else(|e| error!("outbox relay: could not list replication slots: {e}"))
 }
 
 /// Waits on the latch (SIGHUP and SIGTERM set it), then serves interrupts
@@ -185,7 +315,8 @@ fn ensure_slot(slot: &str) {
     // Slot names are validated by the setting's check hook: lower-case
     // letters, digits and underscores only, so inlining is safe.
     let sql = format!(
-        "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name = '{slot}') THEN false
+        "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_replication_slots
+                                  WHERE slot_name OPERATOR(pg_catalog.=) '{slot}'::pg_catalog.name) THEN false
                      ELSE (SELECT true FROM pg_catalog.pg_create_logical_replication_slot('{slot}', 'outbox')) END"
     );
     let created = BackgroundWorker::transaction(|| {
@@ -215,6 +346,9 @@ struct Sink {
     /// After a transient delivery failure: when to restart the stream at the
     /// latest (earlier once nothing is in flight).
     restart_at: Option<Instant>,
+    /// The backoff after repeated transient failures of one event: no
+    /// restart before this.
+    restart_not_before: Option<Instant>,
     /// Events whose delivery failed: no longer in flight, never acknowledged
     /// (so the slot is never confirmed past them).
     failed: u64,
@@ -289,6 +423,25 @@ impl Sink {
     /// stream; a permanent one is dead-lettered or stops the relay
     /// (outbox.on_rejected_event).
     fn reject(&mut self, mut f: Failure) {
+        if !f.rej.permanent && self.stopped.is_none() {
+            // The first transient failure since the stream started decides
+            // the restart: backed off, and given up after a few for the
+            // same event (outbox_core::retry).
+            let id = uuid::Uuid::parse_str(&f.rej.event_id).map(|u| *u.as_bytes()).unwrap_or_default();
+            let (streak, next) = retry::after_transient_failure(self.shared.streak(), id);
+            self.shared.set_streak(streak);
+            match next {
+                retry::Next::Restart { backoff } => self.restart_not_before = Some(Instant::now() + backoff),
+                retry::Next::GiveUp => {
+                    f.rej.permanent = true;
+                    f.rej.reason = format!(
+                        "{} (failed {} times in a row, each time re-sent after a restart of the stream; \
+                         handled as a permanent rejection)",
+                        f.rej.reason, streak.attempts
+                    );
+                }
+            }
+        }
         let dead_letter = settings::on_rejected_event() == settings::OnRejected::DeadLetter;
         if f.rej.permanent && dead_letter {
             if let Some(letter) = f.rej.letter.take() {
@@ -395,6 +548,17 @@ impl Sink {
         if d.source == decoded::Source::Table {
             self.table_rows.push_back((d.commit_lsn, ev.id));
         }
+        if d.source == decoded::Source::Unverified {
+            // Not signed with this server's key: never published, never
+            // skipped in silence (dead-lettered or the relay stops).
+            self.shared.add_unverified();
+            let reason = "not verified: the event's signature does not match this server's key ($PGDATA/outbox.key); \
+                          it was written under another key (the key file was replaced or restored from elsewhere) \
+                          or forged with pg_logical_emit_message()"
+                .to_owned();
+            self.reject(failure(seq, refused(reason, ev.topic)));
+            return;
+        }
         // Routed per event (a reload may change the template), without an
         // allocation in the common cases: an explicit topic is borrowed from
         // the record, a template's result is kept for the next event of the
@@ -430,7 +594,9 @@ impl Sink {
                 partitions: settings::topic_partitions(),
                 replication_factor: settings::topic_replication_factor(),
             };
-            match self.publisher.ensure_topic(topic, &creation) {
+            match self.publisher.ensure_topic(topic, &creation, || {
+                pg_sys::check_for_interrupts!();
+            }) {
                 Ok(()) => break,
                 Err(TopicError::Missing(reason)) => {
                     self.reject(failure(seq, refused(reason, Some(topic))));
@@ -450,6 +616,7 @@ impl Sink {
         let Sink { publisher, tracker, published, published_bytes, last_ack, failed, shared, .. } = self;
         let mut acks = Acks { tracker, shared, published, bytes: published_bytes, last_ack, failed };
         let mut pending_errors = Vec::new();
+        let mut full_since: Option<Instant> = None;
         let res = publisher.send(
             seq,
             topic,
@@ -466,6 +633,15 @@ impl Sink {
                 let mut reports = Vec::new();
                 p.poll_into(Duration::from_millis(100), &mut reports);
                 pending_errors.extend(acks.apply(&mut reports));
+                // A wait inside decoding is visible in the status.
+                if full_since.get_or_insert_with(Instant::now).elapsed() >= BROKER_SILENCE {
+                    acks.shared.set_broker_up(false);
+                    set_state(
+                        acks.shared,
+                        State::WaitingForBroker,
+                        Some("the producer's local queue is full and Kafka acknowledges nothing; waiting, nothing is skipped"),
+                    );
+                }
                 pg_sys::check_for_interrupts!();
             },
         );
@@ -543,12 +719,16 @@ unsafe extern "C-unwind" fn read_page(
     let needed = target_page_ptr + req_len.max(0) as u64;
     // SAFETY: GetFlushRecPtr and GetXLogInsertRecPtr read shared state;
     // XLogFlush of inserted WAL is what any commit does;
-    // read_local_xlog_page gets the reader's own arguments.
+    // read_local_xlog_page gets the reader's own arguments. It raises an
+    // ERROR when a segment is missing, so it is called behind the FFI
+    // guard, which turns that into a Rust unwind through our frames.
     unsafe {
         if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
             pg_sys::XLogFlush(needed.min(pg_sys::GetXLogInsertRecPtr()));
         }
-        ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
+        })
     }
 }
 
@@ -618,6 +798,7 @@ impl Relay {
             last_ack: Instant::now(),
             published: 0,
             restart_at: None,
+            restart_not_before: None,
             failed: 0,
             published_bytes: 0,
             dead: Vec::new(),
@@ -675,6 +856,7 @@ impl Relay {
         };
         // SAFETY: the Box's heap address is stable while the relay lives.
         unsafe { (*ctx).output_writer_private = (&mut *relay.sink as *mut Sink).cast() };
+        LIVE_SINK.with(|s| s.set(&mut *relay.sink as *mut Sink));
         log!(
             "outbox relay: streaming slot \"{slot}\" from {} to {}",
             lsn::format(confirmed),
@@ -696,7 +878,9 @@ impl Relay {
             self.sink.apply_reports(Duration::ZERO);
             self.settle();
             if let Some(at) = self.sink.restart_at {
-                if self.sink.tracker.in_flight() <= self.sink.failed || Instant::now() >= at {
+                let now = Instant::now();
+                let backed_off = self.sink.restart_not_before.is_none_or(|t| now >= t);
+                if backed_off && (self.sink.tracker.in_flight() <= self.sink.failed || now >= at) {
                     log!("outbox relay: restarting the stream from {}", lsn::format(self.confirmed));
                     // SAFETY: proc_exit(1) asks the postmaster for a restart.
                     unsafe { pg_sys::proc_exit(1) };
@@ -849,8 +1033,9 @@ impl Relay {
             self.extension_schema = BackgroundWorker::transaction(|| {
                 Spi::connect(|c| {
                     c.select(
-                        "SELECT quote_ident(n.nspname)::text FROM pg_catalog.pg_extension e
-                           JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'outbox'",
+                        "SELECT pg_catalog.quote_ident(n.nspname::pg_catalog.text) FROM pg_catalog.pg_extension e
+                           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+                          WHERE e.extname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name",
                         Some(1),
                         &[],
                     )?
@@ -876,8 +1061,11 @@ impl Relay {
         }
         let Some(schema) = self.schema() else { return };
         for chunk in ids.chunks(1000) {
-            let list: Vec<String> = chunk.iter().map(|id| format!("'{}'", outbox_core::format_uuid(id))).collect();
-            let sql = format!("DELETE FROM {schema}.outbox WHERE id IN ({})", list.join(","));
+            let list: Vec<String> = chunk.iter().map(outbox_core::format_uuid).collect();
+            let sql = format!(
+                "DELETE FROM {schema}.outbox WHERE id OPERATOR(pg_catalog.=) ANY ('{{{}}}'::pg_catalog.uuid[])",
+                list.join(",")
+            );
             BackgroundWorker::transaction(|| Spi::run(&sql)).unwrap_or_else(|e| {
                 error!("outbox relay: could not delete published outbox rows: {e}")
             });

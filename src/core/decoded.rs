@@ -25,6 +25,12 @@ pub enum Source {
     Emit = 0,
     /// A row inserted into the outbox table (Debezium style).
     Table = 1,
+    /// A well-formed message with our prefix whose tag does not verify with
+    /// this server's key: written under another key (the key file was
+    /// replaced or restored from elsewhere) or forged. Never published; the
+    /// relay handles it like a rejected event (`outbox.on_rejected_event`),
+    /// so it is never confirmed past in silence.
+    Unverified = 2,
 }
 
 impl Source {
@@ -32,6 +38,7 @@ impl Source {
         match self {
             Source::Emit => "emit",
             Source::Table => "table",
+            Source::Unverified => "unverified",
         }
     }
 }
@@ -82,6 +89,7 @@ pub fn decode_binary(bytes: &[u8]) -> Result<DecodedEvent<'_>, DecodedError> {
     let source = match source {
         0 => Source::Emit,
         1 => Source::Table,
+        2 => Source::Unverified,
         other => return Err(DecodedError::UnknownSource(other)),
     };
     let xid = r.u32()?;

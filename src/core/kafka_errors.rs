@@ -17,6 +17,8 @@ const PERMANENT: &[i32] = &[
     31,   // CLUSTER_AUTHORIZATION_FAILED
     44,   // POLICY_VIOLATION
     87,   // INVALID_RECORD
+    32,   // INVALID_TIMESTAMP: the commit time is outside the topic's
+          // message.timestamp.*.max.ms window; re-sending cannot change it
     3,    // UNKNOWN_TOPIC_OR_PART: the topic does not exist (creation off)
     -188, // _UNKNOWN_TOPIC (local)
     -190, // _UNKNOWN_PARTITION (local)
@@ -27,15 +29,44 @@ pub fn is_permanent(code: i32) -> bool {
     PERMANENT.contains(&code)
 }
 
+/// Answers to an admin request (topic creation) that say "not now" rather
+/// than "no": asking again later can succeed.
+const TRANSIENT_ADMIN: &[i32] = &[
+    5,    // LEADER_NOT_AVAILABLE
+    7,    // REQUEST_TIMED_OUT
+    8,    // BROKER_NOT_AVAILABLE
+    13,   // NETWORK_EXCEPTION
+    41,   // NOT_CONTROLLER
+    89,   // THROTTLING_QUOTA_EXCEEDED
+    -185, // _TIMED_OUT (local)
+    -187, // _ALL_BROKERS_DOWN (local)
+    -195, // _TRANSPORT (local)
+];
+
+pub fn is_transient_admin(code: i32) -> bool {
+    TRANSIENT_ADMIN.contains(&code)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_permanent;
+    use super::{is_permanent, is_transient_admin};
+
+    #[test]
+    fn topic_creation_answers_worth_retrying() {
+        assert!(is_transient_admin(7), "request timed out");
+        assert!(is_transient_admin(41), "not controller");
+        assert!(is_transient_admin(-185), "local timeout");
+        assert!(!is_transient_admin(38), "invalid replication factor: ask an operator");
+        assert!(!is_transient_admin(29), "not authorized");
+        assert!(!is_transient_admin(44), "policy violation");
+    }
 
     #[test]
     fn classification() {
         assert!(is_permanent(10), "too large");
         assert!(is_permanent(-188), "unknown topic");
         assert!(is_permanent(29), "not authorized");
+        assert!(is_permanent(32), "timestamp outside the topic's window");
         assert!(!is_permanent(-1), "unknown server error: the broker's bad moment");
         assert!(!is_permanent(-195), "transport failure");
         assert!(!is_permanent(7), "request timed out");

@@ -35,8 +35,8 @@ pub fn parse(s: &str) -> Result<Vec<(String, String)>, String> {
             .ok_or_else(|| format!("\"{item}\" is not of the form key=value"))?;
         let (k, v) = (k.trim(), v.trim());
         check_name(k, &format!("\"{item}\""))?;
-        if out.iter().any(|(seen, _)| seen == k) {
-            return Err(format!("property \"{k}\" is given twice"));
+        if let Some((seen, _)) = out.iter().find(|(seen, _)| canonical(seen) == canonical(k)) {
+            return Err(format!("property \"{k}\" is given twice{}", same_as(seen, k)));
         }
         out.push((k.to_owned(), v.to_owned()));
     }
@@ -53,6 +53,15 @@ fn check_name(k: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// ", as \"other\"" when a property was given under another of its names.
+fn same_as(seen: &str, k: &str) -> String {
+    if seen == k {
+        String::new()
+    } else {
+        format!(", also as \"{seen}\" (the same librdkafka property)")
+    }
+}
+
 /// The properties file: `key=value` per line, the value verbatim after the
 /// first `=` (trimmed), blank lines and lines starting with `#` ignored.
 /// Errors name the line, never its value (it may be a password).
@@ -66,8 +75,8 @@ pub fn parse_file(text: &str) -> Result<Vec<(String, String)>, String> {
         let (k, v) = line.split_once('=').ok_or_else(|| format!("line {} is not of the form key=value", n + 1))?;
         let k = k.trim();
         check_name(k, &format!("line {}", n + 1))?;
-        if out.iter().any(|(seen, _)| seen == k) {
-            return Err(format!("property \"{k}\" is given twice (line {})", n + 1));
+        if let Some((seen, _)) = out.iter().find(|(seen, _)| canonical(seen) == canonical(k)) {
+            return Err(format!("property \"{k}\" is given twice (line {}){}", n + 1, same_as(seen, k)));
         }
         out.push((k.to_owned(), v.trim().to_owned()));
     }
@@ -79,7 +88,7 @@ pub fn parse_file(text: &str) -> Result<Vec<(String, String)>, String> {
 pub fn merge(setting: Vec<(String, String)>, file: Vec<(String, String)>) -> Result<Vec<(String, String)>, String> {
     let mut out = setting;
     for (k, v) in file {
-        if out.iter().any(|(seen, _)| *seen == k) {
+        if out.iter().any(|(seen, _)| canonical(seen) == canonical(&k)) {
             return Err(format!(
                 "property \"{k}\" is in both outbox.kafka_properties and outbox.kafka_properties_file"
             ));
@@ -89,9 +98,186 @@ pub fn merge(setting: Vec<(String, String)>, file: Vec<(String, String)>) -> Res
     Ok(out)
 }
 
+/// Where a property list comes from. The setting can be delegated with
+/// `GRANT SET ON PARAMETER` and is readable by `pg_read_all_settings`; the
+/// file is written by whoever administers the server's OS account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Setting,
+    File,
+}
+
+/// librdkafka's alias names (every `_RK_C_ALIAS` entry of rdkafka_conf.c in
+/// librdkafka 2.12): setting an alias sets the property it names, so every
+/// check below goes through [`canonical`].
+const ALIASES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "metadata.broker.list"),
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("retries", "message.send.max.retries"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("sasl.mechanism", "sasl.mechanisms"),
+    ("compression.type", "compression.codec"),
+    ("acks", "request.required.acks"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+    ("sasl.oauthbearer.client.credentials.client.id", "sasl.oauthbearer.client.id"),
+    ("sasl.oauthbearer.client.credentials.client.secret", "sasl.oauthbearer.client.secret"),
+    ("max.partition.fetch.bytes", "fetch.message.max.bytes"),
+    ("enable.auto.commit", "auto.commit.enable"),
+];
+
+/// The name librdkafka resolves `name` to (lower-cased first: a property
+/// name that differs only in case must not slip past the checks).
+pub fn canonical(name: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    // A topic-level property may also be given with a "topic." prefix, and
+    // topic-level properties set on the global configuration apply to every
+    // topic (rd_kafka_conf_set falls through to the default topic conf).
+    let lower = match lower.strip_prefix("topic.") {
+        // ... except the global properties whose own name starts so.
+        Some(rest) if !rest.starts_with("metadata.") && rest != "blacklist" => rest.to_owned(),
+        _ => lower,
+    };
+    match ALIASES.iter().find(|(alias, _)| *alias == lower) {
+        Some((_, real)) => (*real).to_owned(),
+        None => lower,
+    }
+}
+
+/// Properties the relay sets itself, by canonical name, with the reason a
+/// user may not change them (under any name, in the setting or the file).
+const RELAY_OWNED: &[(&str, &str)] = &[
+    ("enable.idempotence", "the relay's producer is idempotent so retries never duplicate or reorder"),
+    ("request.required.acks", "the relay needs acks=all: an event counts as published only once every in-sync replica has it"),
+    ("message.timeout.ms", "the relay sets 0 (never expire): an expired event re-sent later would break per-key order"),
+    ("partitioner", "the relay uses murmur2_random so keys land on the partitions Java producers choose"),
+    ("delivery.report.only.error", "the slot is confirmed only behind delivery reports of successful sends"),
+    ("dr_cb", "the relay owns the delivery-report callback"),
+    ("dr_msg_cb", "the relay owns the delivery-report callback"),
+    ("enable.gapless.guarantee", "the relay sets it so a failed send never lets later events of the partition overtake it"),
+    ("transactional.id", "the relay's producer is not transactional; its guarantee comes from the slot"),
+    ("allow.auto.create.topics", "topics are created only by the relay, as outbox.topic_creation says"),
+    ("metadata.broker.list", "set outbox.kafka_bootstrap_servers instead"),
+    ("queue.buffering.max.ms", "set outbox.linger_ms instead"),
+];
+
+/// Properties that load code, run a command or pick a crypto engine: whoever
+/// may set them runs code as the server's OS user. Accepted only from the
+/// file, which only the server's administrator can write.
+const CODE_LOADING: &[&str] = &[
+    "plugin.library.paths",
+    "sasl.kerberos.kinit.cmd",
+    // pasted unquoted into the kinit shell command
+    "sasl.kerberos.principal",
+    "sasl.kerberos.min.time.before.relogin",
+    "interceptors",
+    "ssl.engine.location",
+    "ssl.engine.id",
+    "ssl.providers",
+    "ssl_engine_callback_data",
+    "sasl.oauthbearer.config",
+    "sasl.oauthbearer.token.endpoint.url",
+    "sasl.oauthbearer.method",
+    "sasl.oauthbearer.metadata.authentication.type",
+    "https.ca.location",
+    "https.ca.pem",
+];
+
+/// Properties that make the server read a file of the user's choosing
+/// (keys, certificates, keytabs): accepted only from the file.
+const FILE_READING: &[&str] = &[
+    "ssl.key.location",
+    "ssl.certificate.location",
+    "ssl.ca.location",
+    "ssl.crl.location",
+    "ssl.keystore.location",
+    "ssl.ca.directory",
+    "sasl.kerberos.keytab",
+    "sasl.oauthbearer.assertion.private.key.file",
+    "sasl.oauthbearer.assertion.file",
+    "offset.store.path",
+    "offset.store.method",
+    "sasl.oauthbearer.assertion.jwt.template.file",
+];
+
+/// Refuses, with the reason, a property list the relay must not accept from
+/// `origin`. Names are compared after alias resolution and lower-casing, so
+/// `delivery.timeout.ms` is caught as `message.timeout.ms`.
+pub fn check(props: &[(String, String)], origin: Origin) -> Result<(), String> {
+    for (k, _) in props {
+        let c = canonical(k);
+        let alias = if c == k.as_str() { String::new() } else { format!(" (librdkafka's name for \"{c}\")") };
+        if let Some((_, why)) = RELAY_OWNED.iter().find(|(n, _)| *n == c) {
+            return Err(format!("property \"{k}\"{alias} cannot be set: {why}"));
+        }
+        if origin == Origin::Setting && CODE_LOADING.contains(&c.as_str()) {
+            return Err(format!(
+                "property \"{k}\" loads code, runs a command or makes outside requests as the server's OS user, \
+                 so it is accepted only in outbox.kafka_properties_file, never in a setting that can be delegated"
+            ));
+        }
+        if origin == Origin::Setting && FILE_READING.contains(&c.as_str()) {
+            return Err(format!(
+                "property \"{k}\" makes the server read a file of its choosing, so it is accepted only in \
+                 outbox.kafka_properties_file, never in a setting that can be delegated (use the *.pem properties \
+                 or the file)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{merge, parse, parse_file};
+    use super::{canonical, check, merge, parse, parse_file, Origin};
+
+    #[test]
+    fn relay_owned_properties_are_refused_under_every_name() {
+        for (k, v) in [
+            ("message.timeout.ms", "2000"),
+            ("delivery.timeout.ms", "2000"),
+            ("Delivery.Timeout.MS", "2000"),
+            ("acks", "1"),
+            ("request.required.acks", "1"),
+            ("enable.idempotence", "false"),
+            ("delivery.report.only.error", "true"),
+            ("enable.gapless.guarantee", "false"),
+            ("partitioner", "random"),
+            ("transactional.id", "x"),
+            ("allow.auto.create.topics", "true"),
+            ("linger.ms", "50"),
+            ("queue.buffering.max.ms", "50"),
+            ("bootstrap.servers", "elsewhere:9092"),
+            ("topic.delivery.timeout.ms", "2000"),
+        ] {
+            for origin in [Origin::Setting, Origin::File] {
+                let e = check(&kv(&[(k, v)]), origin).unwrap_err();
+                assert!(e.contains(&format!("\"{k}\"")) && e.contains("cannot be set"), "{k}: {e}");
+            }
+        }
+        let e = check(&kv(&[("delivery.timeout.ms", "1")]), Origin::Setting).unwrap_err();
+        assert!(e.contains("librdkafka's name for \"message.timeout.ms\""), "{e}");
+        assert!(check(&kv(&[("compression.type", "lz4"), ("sasl.password", "x")]), Origin::Setting).is_ok());
+    }
+
+    #[test]
+    fn code_loading_and_file_reading_properties_only_from_the_file() {
+        for k in ["plugin.library.paths", "sasl.kerberos.kinit.cmd", "ssl.engine.location", "SSL.Providers", "ssl.key.location", "sasl.kerberos.keytab"] {
+            let e = check(&kv(&[(k, "/tmp/x")]), Origin::Setting).unwrap_err();
+            assert!(e.contains("only in outbox.kafka_properties_file"), "{k}: {e}");
+            assert!(check(&kv(&[(k, "/tmp/x")]), Origin::File).is_ok(), "{k}");
+        }
+    }
+
+    #[test]
+    fn aliases_count_as_the_same_property() {
+        assert_eq!(canonical("delivery.timeout.ms"), "message.timeout.ms");
+        assert_eq!(canonical("ACKS"), "request.required.acks");
+        assert_eq!(canonical("sasl.password"), "sasl.password");
+        assert_eq!(canonical("topic.acks"), "request.required.acks");
+        assert_eq!(canonical("topic.metadata.refresh.interval.ms"), "topic.metadata.refresh.interval.ms");
+        assert!(parse("retries=1;message.send.max.retries=2").unwrap_err().contains("twice"));
+        assert!(merge(kv(&[("sasl.mechanism", "PLAIN")]), kv(&[("sasl.mechanisms", "PLAIN")])).unwrap_err().contains("in both"));
+    }
 
     #[test]
     fn file_lines_comments_and_errors_that_hide_values() {

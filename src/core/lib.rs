@@ -12,6 +12,8 @@ pub mod histogram;
 pub mod kafka_errors;
 pub mod kafka_props;
 pub mod lsn;
+pub mod rate_limit;
+pub mod retry;
 pub mod message;
 pub mod time;
 pub mod topic;

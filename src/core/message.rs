@@ -105,8 +105,35 @@ pub fn decode<'a>(key: &Key, bytes: &'a [u8]) -> Result<Event<'a>, MessageError>
     Ok(ev)
 }
 
+/// Decodes a message's event without verifying its tag: for a message that
+/// failed [`decode`] with [`MessageError::BadTag`], so that what it claims
+/// to be can be kept (as a dead letter) and named, never published.
+pub fn decode_unverified(bytes: &[u8]) -> Result<Event<'_>, MessageError> {
+    let (&version, rest) = bytes.split_first().ok_or(MessageError::Empty)?;
+    if version != VERSION_1 {
+        return Err(MessageError::UnknownVersion(version));
+    }
+    if rest.len() < TAG_LEN {
+        return Err(CodecError::Truncated { offset: bytes.len(), needed: TAG_LEN - rest.len() }.into());
+    }
+    let mut r = Reader::new(&rest[TAG_LEN..]);
+    let ev = r.event()?;
+    r.finish()?;
+    Ok(ev)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_event_under_another_key_decodes_unverified_only() {
+        let other = Key::new(*b"another key, another server.....");
+        let bytes = encode(&other, &sample());
+        assert_eq!(decode(&key(), &bytes), Err(MessageError::BadTag));
+        assert_eq!(decode_unverified(&bytes).unwrap(), sample());
+        assert!(matches!(decode_unverified(b"\x01short"), Err(MessageError::Malformed(_))));
+        assert_eq!(decode_unverified(b"\x07xxxxxxxxxxxxxxxxxxxx"), Err(MessageError::UnknownVersion(7)));
+    }
+
     use super::*;
 
     fn key() -> Key {
