@@ -200,70 +200,40 @@ class Postgres:
 # ---------------------------------------------------------------- broker
 
 
-class Broker:
-    """tansu with sqlite storage, so its data survives its own restart (the
-    fault tests stop and start it). The benchmarks pass a build with the
-    in-memory engine (`memory://tansu/`), ten times faster."""
+class BrokerClient:
+    """What the tests do with a broker through a Kafka client (PyPI's
+    confluent-kafka): create topics, produce, count and consume."""
 
-    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_PORT, binary: str = "tansu",
-                 storage: str = "sqlite://tansu.db"):
-        self.dir = run_dir / "kafka"
-        self.port = port
-        self.binary = binary
-        self.storage = storage
-        self.proc: subprocess.Popen | None = None
-        self.logfile = self.dir / "tansu.log"
+    port: int
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def reset(self) -> None:
-        self.stop()
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-
-    def start(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        url = f"tcp://127.0.0.1:{self.port}"
-        with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 # tansu resolves a sqlite path against its working directory.
-                 "--storage-engine", self.storage],
-                cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_for(f"the broker on port {self.port}", lambda: port_open(self.port) or self._died(), timeout=30)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"tansu exited with {self.proc.returncode}; see {self.logfile}")
-
-    def _died(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=10)
-
-    def create_topic(self, name: str, partitions: int = 3) -> None:
+    def create_topic(self, name: str, partitions: int = 3, config: dict[str, str] | None = None) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])[name]
+        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})])[name]
         try:
             fut.result(15)
         except Exception as e:  # noqa: BLE001
             if "TOPIC_ALREADY_EXISTS" not in str(e):
                 raise
+
+    def alter_topic(self, name: str, config: dict[str, str]) -> None:
+        from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in config.items()]
+        res = ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=entries)
+        for fut in admin.incremental_alter_configs([res]).values():
+            fut.result(15)
+
+    def topics(self) -> set[str]:
+        from confluent_kafka.admin import AdminClient
+
+        return set(AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=10).topics)
 
     def produce(self, topic: str, messages: list[tuple[bytes | None, bytes]], headers=None) -> None:
         from confluent_kafka import Producer
@@ -330,6 +300,130 @@ class Broker:
         finally:
             c.close()
         return out
+
+
+class Broker(BrokerClient):
+    """tansu with sqlite storage, so its data survives its own restart (the
+    fault tests stop and start it). The benchmarks pass a build with the
+    in-memory engine (`memory://tansu/`), ten times faster."""
+
+    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_PORT, binary: str = "tansu",
+                 storage: str = "sqlite://tansu.db"):
+        self.dir = run_dir / "kafka"
+        self.port = port
+        self.binary = binary
+        self.storage = storage
+        self.proc: subprocess.Popen | None = None
+        self.logfile = self.dir / "tansu.log"
+
+    def reset(self) -> None:
+        self.stop()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+
+    def start(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 # tansu resolves a sqlite path against its working directory.
+                 "--storage-engine", self.storage],
+                cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_for(f"the broker on port {self.port}", lambda: port_open(self.port) or self._died(), timeout=30)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with {self.proc.returncode}; see {self.logfile}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=10)
+
+KAFKA_LIBS = HERE / ".kafka" / "libs"
+KAFKA_BROKER_PORT = int(os.environ.get("OUTBOX_APACHE_KAFKA_PORT", "19292"))
+
+
+class KafkaBroker(BrokerClient):
+    """Apache Kafka (the release pg_test/kafka/pom.xml pins), one KRaft node
+    acting as broker and controller on 127.0.0.1, started from the jars
+    setup.sh copied out of Maven Central. Heap bounded for a 2-core machine.
+    Topics are auto-created on metadata requests here (the broker default),
+    so a client that asks for metadata with auto-creation allowed would
+    create them: the relay must not."""
+
+    CLUSTER_ID = "b3V0Ym94LXRlc3QtY2x1c3Q"
+
+    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_BROKER_PORT):
+        self.dir = run_dir / "apache-kafka"
+        self.port = port
+        self.controller_port = port + 1
+        self.proc: subprocess.Popen | None = None
+        self.logfile = self.dir / "kafka.log"
+
+    def _java(self, *args: str, **kw) -> list[str]:
+        return ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+                "-cp", f"{KAFKA_LIBS}/*", *args]
+
+    def reset(self) -> None:
+        self.stop()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.dir / "data"),
+            "num.partitions": "1",
+            "default.replication.factor": "1",
+            "offsets.topic.replication.factor": "1",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+        }
+        (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        run(self._java("kafka.tools.StorageTool", "format", "-t", self.CLUSTER_ID, "-c", str(self.dir / "server.properties")),
+            stdout=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(self._java("kafka.Kafka", str(self.dir / "server.properties")),
+                                         cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(f"Apache Kafka on port {self.port}", lambda: port_open(self.port) or self.proc.poll() is not None, timeout=90)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.logfile}")
+        wait_for("Kafka to serve metadata", lambda: self.topics() is not None, timeout=60)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
 
 def relay_status(pg: "Postgres") -> dict:

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the demo, the tests and the benchmarks need on a fresh
 # Debian 12 machine where we are root: PostgreSQL 15 with server headers, the
-# pinned cargo-pgrx, the pinned Kafka-protocol broker (tansu) and a Python
-# virtualenv for the end-to-end suite. Every step is skipped when already done,
+# pinned cargo-pgrx, the pinned Kafka-protocol broker (tansu), Apache Kafka's
+# broker from Maven Central and a Python virtualenv for the end-to-end suite. Every step is skipped when already done,
 # so a warm run costs seconds.
 set -euo pipefail
 
 PGRX_VERSION=0.18.0
 TANSU_VERSION=0.6.0
+# Apache Kafka from Maven Central (pg_test/kafka/pom.xml pins it).
+KAFKA_VERSION=4.3.1
 # sqlite storage through libsql: without a storage feature tansu silently
 # falls back to a null engine that drops every message.
 TANSU_FEATURES=libsql
@@ -23,6 +25,9 @@ apt_packages=(
   libclang-dev clang build-essential pkg-config libssl-dev zlib1g-dev sudo
   python3-venv
 )
+# Java 17 and Maven for Apache Kafka (machine images carry them already).
+command -v java >/dev/null || apt_packages+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || apt_packages+=(maven)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -61,6 +66,14 @@ fi
 if [[ "$(tansu --version 2>/dev/null || true)" != *"$TANSU_VERSION"* ]]; then
   log "cargo install tansu $TANSU_VERSION (the broker; many minutes)"
   cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features "$TANSU_FEATURES"
+fi
+
+kafka_libs=$here/.kafka/libs
+if [[ ! -f $kafka_libs/kafka_2.13-$KAFKA_VERSION.jar ]]; then
+  log "Apache Kafka $KAFKA_VERSION from Maven Central (pg_test/kafka/pom.xml)"
+  rm -rf "$kafka_libs"
+  mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$kafka_libs" >/dev/null
 fi
 
 venv=$here/.venv

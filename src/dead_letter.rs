@@ -84,3 +84,28 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
         Ok(())
     })
 }
+
+/// The dead letters of events committed at or after `from_lsn`, as (event
+/// id, commit LSN): a restarted stream decodes them again and must not send
+/// them (they are settled: the table holds them until re-published, which
+/// writes them anew under a later commit LSN).
+pub fn known_since(schema: &str, from_lsn: u64) -> Result<std::collections::HashSet<([u8; 16], u64)>, pgrx::spi::Error> {
+    let sql = format!(
+        "SELECT id::pg_catalog.text, pg_catalog.pg_wal_lsn_diff(commit_lsn, '0/0'::pg_catalog.pg_lsn)::pg_catalog.int8
+           FROM {schema}.outbox_dead_letter
+          WHERE commit_lsn OPERATOR(pg_catalog.>=) $1::pg_catalog.pg_lsn"
+    );
+    BackgroundWorker::transaction(|| {
+        Spi::connect(|c| {
+            let args: [DatumWithOid; 1] = [lsn::format(from_lsn).into()];
+            let mut out = std::collections::HashSet::new();
+            for row in c.select(&sql, None, &args)? {
+                let (Some(id), Some(at)) = (row.get::<String>(1)?, row.get::<i64>(2)?) else { continue };
+                if let Ok(u) = uuid::Uuid::parse_str(&id) {
+                    out.insert((*u.as_bytes(), at as u64));
+                }
+            }
+            Ok(out)
+        })
+    })
+}

@@ -25,8 +25,14 @@ use outbox_core::{format_uuid_into, time};
 
 /// Properties the relay sets itself. The settings refuse them, under any
 /// of their names, when set (`kafka_props::check`); they are applied last.
-pub const FIXED: [(&str, &str); 5] = [
+pub const FIXED: [(&str, &str); 6] = [
     ("enable.idempotence", "true"),
+    // After a produce request fails for good, nothing later for the
+    // partition is written (librdkafka raises a fatal error instead of
+    // re-sending what followed under a new epoch): an event re-sent after
+    // the failure cannot land behind events that came after it. The relay
+    // answers the fatal error by restarting the stream with a new producer.
+    ("enable.gapless.guarantee", "true"),
     ("acks", "all"),
     ("message.timeout.ms", "0"),
     ("partitioner", "murmur2_random"),
@@ -48,6 +54,8 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Rejected {
     pub reason: String,
+    /// Kafka's error code (rd_kafka_resp_err_t); 0 when refused by the relay itself.
+    pub code: i32,
     pub topic: String,
     pub event_id: String,
     /// Retrying cannot fix it (see `outbox_core::kafka_errors`).
@@ -76,6 +84,7 @@ impl ProducerContext for Ctx {
                 let letter = letter_of(msg);
                 let rej = Rejected {
                     reason: e.to_string(),
+                    code: e.rdkafka_error_code().map_or(0, |c| c as i32),
                     topic: msg.topic().to_owned(),
                     event_id: letter.id.clone(),
                     permanent: permanent(e),
@@ -148,6 +157,7 @@ impl Publisher {
         user: &[(String, String)],
         max_event_bytes: usize,
         linger_ms: u32,
+        one_per_request: bool,
     ) -> Result<(Self, Vec<String>), KafkaError> {
         let mut config = ClientConfig::new();
         config
@@ -162,6 +172,13 @@ impl Publisher {
             // allows, so an event never waits for room that cannot exist.
             .set("queue.buffering.max.kbytes", queue_kbytes(max_event_bytes).to_string())
             .set("queue.buffering.max.messages", "20000");
+        if one_per_request {
+            // Each event in a request of its own, one request at a time: a
+            // size rejection then names the event that is really too large
+            // (see kafka_errors), and nothing behind it is in flight, so
+            // nothing behind it can be written before it.
+            config.set("batch.num.messages", "1").set("max.in.flight.requests.per.connection", "1");
+        }
         let mut ignored = Vec::new();
         for (k, v) in user {
             // Refused by the settings already; kept as a second line.
@@ -332,6 +349,7 @@ impl Publisher {
                     };
                     return Err(SendError::Rejected(Rejected {
                         reason: e.to_string(),
+                        code: e.rdkafka_error_code().map_or(0, |c| c as i32),
                         topic: topic.to_owned(),
                         permanent: permanent(&e),
                         event_id: id_text.to_owned(),

@@ -104,6 +104,9 @@ pub struct Shared {
     streak_hi: AtomicU64,
     streak_lo: AtomicU64,
     streak_attempts: AtomicU32,
+    /// After the broker refused a produce request as too large: send one
+    /// event per request until the confirmed position reaches this LSN.
+    isolate_until: AtomicU64,
 }
 
 const ERROR_WORDS: usize = 128; // 1 KiB of message
@@ -135,6 +138,7 @@ impl Default for Shared {
             streak_hi: AtomicU64::new(0),
             streak_lo: AtomicU64::new(0),
             streak_attempts: AtomicU32::new(0),
+            isolate_until: AtomicU64::new(0),
         }
     }
 }
@@ -291,6 +295,19 @@ impl Shared {
         self.streak_hi.store(u64::from_be_bytes(hi.try_into().unwrap_or_default()), Ordering::Relaxed);
         self.streak_lo.store(u64::from_be_bytes(lo.try_into().unwrap_or_default()), Ordering::Relaxed);
         self.streak_attempts.store(s.attempts, Ordering::Relaxed);
+    }
+
+    /// Raises the isolation mark to `lsn`; 0 clears it.
+    pub fn isolate_until(&self, lsn: u64) {
+        if lsn == 0 {
+            self.isolate_until.store(0, Ordering::Relaxed);
+        } else {
+            self.isolate_until.fetch_max(lsn, Ordering::Relaxed);
+        }
+    }
+
+    pub fn isolating_until(&self) -> u64 {
+        self.isolate_until.load(Ordering::Relaxed)
     }
 
     pub fn request_resume(&self) {

@@ -34,7 +34,7 @@ use pgrx::prelude::*;
 use outbox_core::confirm::{Tracker, TxnSeq};
 use outbox_core::decoded;
 use outbox_core::topic::TopicTemplate;
-use outbox_core::{lsn, retry, wal_guard};
+use outbox_core::{kafka_errors, lsn, retry, wal_guard};
 
 use crate::dead_letter;
 use crate::ffi;
@@ -356,6 +356,12 @@ struct Sink {
     published_bytes: u64,
     /// Rejected events to write to the dead-letter table at the next settle.
     dead: Vec<dead_letter::Pending>,
+    /// The producer sends one event per request (after a size rejection;
+    /// until the position in `Shared::isolating_until` is confirmed).
+    one_per_request: bool,
+    /// Events already in the dead-letter table that this stream may decode
+    /// again (committed after the confirmed position): (id, commit LSN).
+    dead_known: std::collections::HashSet<([u8; 16], u64)>,
     /// `outbox.topic_template`, re-read at each reload.
     template: TopicTemplate,
     /// The last topic the template produced: (aggregate type, event type, topic).
@@ -423,6 +429,17 @@ impl Sink {
     /// stream; a permanent one is dead-lettered or stops the relay
     /// (outbox.on_rejected_event).
     fn reject(&mut self, mut f: Failure) {
+        if f.from_report && f.rej.permanent && kafka_errors::is_size_rejection(f.rej.code) && !self.one_per_request {
+            // The broker refused the request this event was in; which of its
+            // events is too large is not known. Resend one event per request
+            // up to here (a restart of the stream), then judge each alone.
+            self.shared.isolate_until(f.commit_lsn);
+            f.rej.permanent = false;
+            f.rej.reason = format!(
+                "{} (for the request it was sent in; resending one event per request to find the one too large)",
+                f.rej.reason
+            );
+        }
         if !f.rej.permanent && self.stopped.is_none() {
             // The first transient failure since the stream started decides
             // the restart: backed off, and given up after a few for the
@@ -528,6 +545,7 @@ impl Sink {
         // Refused before Kafka saw it: retrying cannot help.
         let refused = |reason: String, topic: Option<&str>| Rejected {
             reason,
+            code: 0,
             topic: topic.unwrap_or_default().to_owned(),
             event_id: outbox_core::format_uuid(&d.event.id),
             permanent: true,
@@ -547,6 +565,11 @@ impl Sink {
         }
         if d.source == decoded::Source::Table {
             self.table_rows.push_back((d.commit_lsn, ev.id));
+        }
+        if self.dead_known.contains(&(ev.id, d.commit_lsn)) {
+            // Dead-lettered before a restart of the stream: settled, not sent again.
+            self.tracker.acked(seq);
+            return;
         }
         if d.source == decoded::Source::Unverified {
             // Not signed with this server's key: never published, never
@@ -773,9 +796,15 @@ struct Relay {
     wal_watch: wal_guard::Watch,
 }
 
-fn build_publisher() -> Publisher {
+fn build_publisher(one_per_request: bool) -> Publisher {
     let props = settings::kafka_properties().unwrap_or_else(|e| error!("outbox relay: {e}"));
-    match Publisher::new(&settings::bootstrap_servers(), &props, settings::max_event_bytes(), settings::linger_ms()) {
+    match Publisher::new(
+        &settings::bootstrap_servers(),
+        &props,
+        settings::max_event_bytes(),
+        settings::linger_ms(),
+        one_per_request,
+    ) {
         Ok((p, ignored)) => {
             for k in ignored {
                 warning!("outbox relay: ignoring \"{k}\" in outbox.kafka_properties: the relay sets it to keep its delivery guarantees");
@@ -788,8 +817,18 @@ fn build_publisher() -> Publisher {
 
 impl Relay {
     fn start(shared: &'static Shared, slot: &str) -> Relay {
+        // After a size rejection, until the events of the refused request
+        // are settled: one event per request.
+        let one_per_request = slot::find(slot).is_some_and(|i| shared.isolating_until() > i.confirmed_flush);
+        if one_per_request {
+            log!(
+                "outbox relay: sending one event per request up to {} (the broker refused a request as too large)",
+                lsn::format(shared.isolating_until())
+            );
+        }
         let sink = Box::new(Sink {
-            publisher: build_publisher(),
+            publisher: build_publisher(one_per_request),
+            one_per_request,
             tracker: Tracker::new(),
             shared,
             stopped: None,
@@ -802,6 +841,7 @@ impl Relay {
             failed: 0,
             published_bytes: 0,
             dead: Vec::new(),
+            dead_known: Default::default(),
             template: settings::topic_template(),
             last_route: None,
             reports: Vec::new(),
@@ -854,6 +894,7 @@ impl Relay {
             extension_schema: None,
             wal_watch: wal_guard::Watch::default(),
         };
+        relay.sink.dead_known = relay.dead_letters_since(confirmed);
         // SAFETY: the Box's heap address is stable while the relay lives.
         unsafe { (*ctx).output_writer_private = (&mut *relay.sink as *mut Sink).cast() };
         LIVE_SINK.with(|s| s.set(&mut *relay.sink as *mut Sink));
@@ -983,6 +1024,13 @@ impl Relay {
             self.confirmed = confirmable;
             self.shared.set_confirmed(confirmable);
         }
+        if self.sink.one_per_request && self.confirmed >= self.shared.isolating_until() && in_flight == 0 {
+            // Past the events that shared a refused request: batch again.
+            self.shared.isolate_until(0);
+            log!("outbox relay: past the request the broker refused; restarting to send in batches again");
+            // SAFETY: proc_exit(1) asks the postmaster for a restart.
+            unsafe { pg_sys::proc_exit(1) };
+        }
         if self.confirmed > self.saved && self.last_save.elapsed() >= settings::confirm_save_interval() {
             // PG15 writes the slot file only when restart_lsn or xmin move;
             // save the confirmed position ourselves so a server crash
@@ -1025,6 +1073,13 @@ impl Relay {
             }
         }
         self.shared.add_dead_letters(letters.len() as u64);
+    }
+
+    /// Dead letters a restarted stream may meet again (see `Sink::dead_known`).
+    fn dead_letters_since(&mut self, confirmed: u64) -> std::collections::HashSet<([u8; 16], u64)> {
+        let Some(schema) = self.schema() else { return Default::default() };
+        dead_letter::known_since(&schema, confirmed)
+            .unwrap_or_else(|e| error!("outbox relay: could not read the dead-letter table: {e}"))
     }
 
     /// The extension's schema, quoted, looked up once.

@@ -417,28 +417,3 @@ def test_d12_table_path_worker_memory_is_flat_in_a_large_transaction(db, broker)
     grew = (peak[200_000] - peak[10_000]) / 1024
     assert grew < 16, f"the worker's peak private memory grew by {grew:.1f} MiB from 10k to 200k rows"
 
-
-def test_d11_an_event_larger_than_the_old_32mib_queue_is_settled_not_stuck(db, broker):
-    """outbox.max_event_bytes accepts up to 100 MB; 0.1.0's producer queue
-    held 32 MiB, so a 40 MB event waited for room forever inside decoding
-    while the status said "streaming". The queue now holds two of the
-    largest events allowed: the event reaches the broker and is settled
-    (published, or dead-lettered with the broker's reason)."""
-    topic = rig.unique_topic("huge")
-    with db.connect() as c:
-        c.execute("DELETE FROM outbox_dead_letter")
-    set_conf(db, "outbox.max_event_bytes", "50MB", restarts_relay=True)
-    try:
-        with db.connect() as c:
-            big = emit(c, topic, "k", {"blob": "x" * 40_000_000})
-            after = emit(c, topic, "k", {"n": 2})
-        rig.drain(db, timeout_ms=180_000)
-        with db.connect() as c:
-            dead = [str(r[0]) for r in c.execute("SELECT id FROM outbox_dead_letter").fetchall()]
-        got = [m["headers"]["id"] for m in broker.consume(topic, expect=2 - len(dead), timeout=60, linger=1)]
-        assert sorted(got + dead) == sorted([str(big), str(after)]), (got, dead)
-        print(f"\n[40 MB event] published: {str(big) in got}; dead-lettered: {str(big) in dead}")
-    finally:
-        set_conf(db, "outbox.max_event_bytes", None, restarts_relay=True)
-        with db.connect() as c:
-            c.execute("DELETE FROM outbox_dead_letter")

@@ -159,6 +159,9 @@ def test_ready_trigger_publishes_inserts_updates_deletes(db):
 
 
 def test_forged_messages_are_not_events(db):
+    """Three messages with our prefix that are not events: none decoded, and
+    the decoding backend logs one line for them, not three."""
+    log_from = len(db.log_text())
     with db.connect() as admin, scratch_slot(admin) as slot:
         admin.execute("DROP ROLE IF EXISTS forger")
         admin.execute("CREATE ROLE forger LOGIN")
@@ -173,10 +176,8 @@ def test_forged_messages_are_not_events(db):
         after = emit(admin, "after")
         evs = decoded(admin, slot)
         assert [e["id"] for e in evs] == [str(real), str(after)]
-        log = db.log_text()
-        assert "not written by outbox_emit()" in log
-        assert "authentication failed" in log
-        assert "non-transactional message" in log
+        lines = [l for l in db.log_text()[log_from:].splitlines() if "that is not an outbox event" in l]
+        assert len(lines) == 1, lines
 
 
 def test_binary_format_carries_the_same_event(db):

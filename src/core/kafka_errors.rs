@@ -29,6 +29,13 @@ pub fn is_permanent(code: i32) -> bool {
     PERMANENT.contains(&code)
 }
 
+/// The broker refused a whole produce request as too large. librdkafka
+/// sends several events in one request, so the event a delivery report
+/// names may be an innocent neighbour of the one really too large.
+pub fn is_size_rejection(code: i32) -> bool {
+    matches!(code, 10 | 18) // MSG_SIZE_TOO_LARGE, RECORD_LIST_TOO_LARGE
+}
+
 /// Answers to an admin request (topic creation) that say "not now" rather
 /// than "no": asking again later can succeed.
 const TRANSIENT_ADMIN: &[i32] = &[
@@ -50,6 +57,12 @@ pub fn is_transient_admin(code: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{is_permanent, is_transient_admin};
+
+    #[test]
+    fn size_rejections_are_per_request() {
+        assert!(super::is_size_rejection(10) && super::is_size_rejection(18));
+        assert!(!super::is_size_rejection(29) && !super::is_size_rejection(-1));
+    }
 
     #[test]
     fn topic_creation_answers_worth_retrying() {

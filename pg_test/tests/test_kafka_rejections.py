@@ -1,0 +1,154 @@
+"""Issue 9 defects that need Apache Kafka's own behaviour, which tansu does
+not have: per-topic limits enforced by the broker, and topics auto-created
+by metadata requests. A second cluster publishes to a real Kafka broker
+(rig.KafkaBroker, from Maven Central); the rest of the suite still uses
+tansu until the Kafka issue moves it."""
+
+import json
+import time
+
+import pytest
+
+import rig
+from helpers import sqlstate_of  # noqa: F401 - kept for symmetry with the other suites
+from test_relay_limits import emit, set_conf
+
+
+@pytest.fixture(scope="module")
+def kafka(db):
+    k = rig.KafkaBroker()
+    k.reset()
+    k.start()
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="module")
+def kpg(kafka):
+    pg = rig.Postgres(run_dir=rig.RUN / "on_kafka", port=rig.PG_PORT + 9)
+    pg.init({"outbox.kafka_bootstrap_servers": f"'{kafka.bootstrap}'"})
+    pg.start()
+    try:
+        pg.create_database()
+        with pg.connect() as c:
+            c.execute("CREATE EXTENSION outbox")
+        rig.wait_for_relay(pg)
+        yield pg
+    finally:
+        pg.stop(mode="immediate", check=False)
+
+
+def ids(messages):
+    seen = []
+    for m in messages:
+        if m["headers"]["id"] not in seen:
+            seen.append(m["headers"]["id"])
+    return seen
+
+
+def test_d8_topic_probes_never_create_a_topic(kpg, kafka):
+    """The broker auto-creates topics (auto.create.topics.enable, its
+    default). With outbox.topic_creation = off, the relay's check for the
+    topic must not create it with the broker's defaults: the event is
+    refused as for a missing topic (dead-lettered), and the topic stays
+    absent."""
+    topic = rig.unique_topic("probe")
+    set_conf(kpg, "outbox.topic_creation", "off")
+    try:
+        with kpg.connect() as c:
+            c.execute("DELETE FROM outbox_dead_letter")
+            event = emit(c, topic, "k", {"n": 1})
+        rig.drain(kpg)
+        with kpg.connect() as c:
+            dl = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
+        assert [str(i) for i, _ in dl] == [str(event)] and "does not exist" in dl[0][1], dl
+        assert topic not in kafka.topics()
+    finally:
+        set_conf(kpg, "outbox.topic_creation", None)
+        with kpg.connect() as c:
+            c.execute("DELETE FROM outbox_dead_letter")
+
+
+def send_around_a_rejection(kpg, kafka, topic):
+    """e1 published; then big (rejected by the topic's max.message.bytes),
+    e3 and e4, each its own transaction, same key (one partition)."""
+    kafka.create_topic(topic, partitions=1, config={"max.message.bytes": "20000"})
+    with kpg.connect() as c:
+        e1 = emit(c, topic, "k", {"n": 1})
+    rig.drain(kpg)
+    with kpg.connect() as c:
+        big = emit(c, topic, "k", {"n": 2, "blob": "x" * 30000})
+        e3 = emit(c, topic, "k", {"n": 3})
+        e4 = emit(c, topic, "k", {"n": 4})
+    return [str(e) for e in (e1, big, e3, e4)]
+
+
+def test_d6_broker_rejection_with_stop_keeps_order(kpg, kafka):
+    """on_rejected_event = stop: the broker refuses an event (the topic's
+    max.message.bytes is below it) while later events of the same partition
+    are already on their way. None of them may be written before it (0.1.0:
+    they were, and the event re-sent after the fix landed behind them)."""
+    topic = rig.unique_topic("stoporder")
+    set_conf(kpg, "outbox.on_rejected_event", "stop")
+    try:
+        e1, big, e3, e4 = send_around_a_rejection(kpg, kafka, topic)
+        status = rig.wait_for_relay(kpg, state="stopped on bad event", timeout=60)
+        assert big in status["last_error"], status["last_error"]
+        time.sleep(2)
+        assert ids(kafka.consume(topic, expect=1, timeout=10, linger=2)) == [e1], "nothing after the rejected event"
+        kafka.alter_topic(topic, {"max.message.bytes": "1000000"})  # the fix
+        with kpg.connect() as c:
+            assert c.execute("SELECT outbox_relay_resume()").fetchone()[0]
+        rig.wait_for_relay(kpg, timeout=60)
+        rig.drain(kpg)
+        got = kafka.consume(topic, expect=4, timeout=30, linger=1)
+        assert ids(got) == [e1, big, e3, e4]
+        print(f"\n[stop] {len(got)} records for 4 events (duplicates: {len(got) - 4})")
+    finally:
+        set_conf(kpg, "outbox.on_rejected_event", None)
+
+
+def test_d6_broker_rejection_dead_lettered_then_the_rest_in_order(kpg, kafka):
+    """on_rejected_event = dead_letter: the refused event goes to the table,
+    what follows is published in commit order, nothing is lost, and the dead
+    letter is not sent again by the restarted stream."""
+    topic = rig.unique_topic("dlorder")
+    with kpg.connect() as c:
+        c.execute("DELETE FROM outbox_dead_letter")
+    e1, big, e3, e4 = send_around_a_rejection(kpg, kafka, topic)
+    rig.drain(kpg, timeout_ms=120_000)
+    got = kafka.consume(topic, expect=3, timeout=30, linger=2)
+    assert ids(got) == [e1, e3, e4]
+    assert [json.loads(m["value"])["n"] for m in got if m["headers"]["id"] in (e3, e4)][:2] == [3, 4]
+    with kpg.connect() as c:
+        dl = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
+        assert [str(i) for i, _ in dl] == [big], dl
+        assert "too large" in dl[0][1].lower(), dl
+        c.execute("DELETE FROM outbox_dead_letter")
+    print(f"\n[dead letter] {len(got)} records for 3 events (duplicates: {len(got) - 3})")
+
+
+def test_d11_an_event_larger_than_the_old_32mib_queue_is_settled_not_stuck(kpg, kafka):
+    """outbox.max_event_bytes accepts up to 100 MB; 0.1.0's producer queue
+    held 32 MiB, so a 40 MB event waited for room forever inside decoding
+    while the status said "streaming", and nothing after it was published.
+    The queue now holds two of the largest events allowed: the event reaches
+    the broker, which refuses it (its message.max.bytes is ~1 MB), so it is
+    dead-lettered with the broker's reason and the next event is published."""
+    topic = rig.unique_topic("huge")
+    with kpg.connect() as c:
+        c.execute("DELETE FROM outbox_dead_letter")
+    set_conf(kpg, "outbox.max_event_bytes", "50MB", restarts_relay=True)
+    try:
+        with kpg.connect() as c:
+            big = emit(c, topic, "k", {"blob": "x" * 40_000_000})
+            after = emit(c, topic, "k", {"n": 2})
+        rig.drain(kpg, timeout_ms=180_000)
+        with kpg.connect() as c:
+            dl = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
+        assert [str(i) for i, _ in dl] == [str(big)] and "too large" in dl[0][1].lower(), dl
+        assert ids(kafka.consume(topic, expect=1, timeout=30, linger=1)) == [str(after)]
+    finally:
+        set_conf(kpg, "outbox.max_event_bytes", None, restarts_relay=True)
+        with kpg.connect() as c:
+            c.execute("DELETE FROM outbox_dead_letter")
