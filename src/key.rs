@@ -77,11 +77,19 @@ fn outbox_slots_on_disk() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
     let mut found = Vec::new();
     for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // A drop interrupted by a crash leaves "<name>.tmp"; startup removes it.
+        if name.ends_with(".tmp") {
+            continue;
+        }
         let Ok(bytes) = std::fs::read(e.path().join("state")) else { continue };
         // magic, checksum, version, length (16 bytes), then the slot's name (64).
         let after_name = bytes.get(16 + 64..).unwrap_or_default();
-        if after_name.windows(plugin.len()).any(|w| w == plugin) {
-            found.push(e.file_name().to_string_lossy().into_owned());
+        // The window must start a name: the byte before it is not a name
+        // character (so "pg_outbox" does not count as "outbox").
+        let starts_a_name = |i: usize| i == 0 || !(after_name[i - 1].is_ascii_alphanumeric() || after_name[i - 1] == b'_');
+        if after_name.windows(plugin.len()).enumerate().any(|(i, w)| w == plugin && starts_a_name(i)) {
+            found.push(name);
         }
     }
     found

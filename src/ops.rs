@@ -77,8 +77,12 @@ fn drain_target() -> u64 {
     // a plain global set at startup.
     unsafe {
         let insert = pg_sys::GetXLogInsertRecPtr();
-        pg_sys::XLogFlush(insert);
-        outbox_core::lsn::insert_as_record_end(insert, pg_sys::XLOG_BLCKSZ as u64, pg_sys::wal_segment_size as u64)
+        // Flush the record end, not the raw insert position: past a page
+        // header it is WAL not generated yet, and XLogFlush raises
+        // "xlog flush request ... is not satisfied" for it.
+        let end = outbox_core::lsn::insert_as_record_end(insert, pg_sys::XLOG_BLCKSZ as u64, pg_sys::wal_segment_size as u64);
+        pg_sys::XLogFlush(end);
+        end
     }
 }
 

@@ -67,9 +67,9 @@ pub fn register() {
         .load();
 }
 
-/// Runs first at every exit, while the slot is still ours: InitPostgres
-/// registers the release of the slot (ReplicationSlotShmemExit) as a
-/// before_shmem_exit callback too, and such callbacks run last-registered
+/// Runs first at every exit, while the slot is still ours: BaseInit
+/// (ReplicationSlotInitialize) registers the release of the slot
+/// (ReplicationSlotShmemExit) as a before_shmem_exit callback too, and such callbacks run last-registered
 /// first, so this one is registered after connecting. Writing the slot here
 /// (the confirmed position, one small file and its fsyncs) means a clean
 /// stop, a restart for new settings or `outbox.relay_enabled = off`
@@ -747,7 +747,13 @@ unsafe extern "C-unwind" fn read_page(
     // guard, which turns that into a Rust unwind through our frames.
     unsafe {
         if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
-            pg_sys::XLogFlush(needed.min(pg_sys::GetXLogInsertRecPtr()));
+            // Never past the end of generated WAL (see ops::drain_target).
+            let generated = outbox_core::lsn::insert_as_record_end(
+                pg_sys::GetXLogInsertRecPtr(),
+                pg_sys::XLOG_BLCKSZ as u64,
+                pg_sys::wal_segment_size as u64,
+            );
+            pg_sys::XLogFlush(needed.min(generated));
         }
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
