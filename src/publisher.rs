@@ -6,11 +6,11 @@
 //! idempotence, `acks=all`, and `message.timeout.ms=0` (a message never
 //! expires: an expired message re-sent later would break per-key order).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -142,7 +142,12 @@ pub struct TopicCreation {
 pub struct Publisher {
     producer: BaseProducer<Ctx>,
     config: ClientConfig,
-    known_topics: HashSet<String>,
+    /// Topics known to exist, with their `max.message.bytes` when it could
+    /// be read and no compression is configured (see `ensure_topic`).
+    known_topics: HashMap<String, Option<usize>>,
+    /// The user configured compression: a record's size on the wire is
+    /// then not known beforehand.
+    compressed: bool,
 }
 
 /// What `send` reports back.
@@ -195,20 +200,29 @@ impl Publisher {
         let producer = with_signals_blocked(|| {
             config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx { reports: Mutex::new(Vec::new()) })
         })?;
-        Ok((Publisher { producer, config, known_topics: HashSet::new() }, ignored))
+        let compressed = user
+            .iter()
+            .any(|(k, v)| outbox_core::kafka_props::canonical(k) == "compression.codec" && !v.eq_ignore_ascii_case("none"));
+        Ok((Publisher { producer, config, known_topics: HashMap::new(), compressed }, ignored))
     }
 
-    /// Makes sure `topic` exists, creating it when creation is on. Returns
-    /// the reason when it does not: `TopicError::Unreachable` is worth
-    /// retrying, `TopicError::Missing` is not until an operator acts.
+    /// Makes sure `topic` exists, creating it when creation is on, and
+    /// returns its `max.message.bytes` when known. Returns the reason when
+    /// it does not exist: `TopicError::Unreachable` is worth retrying,
+    /// `TopicError::Missing` is not until an operator acts.
+    ///
+    /// The topic's size limit lets the relay refuse an event the broker
+    /// would refuse before it is sent: a refusal by the broker comes back
+    /// after later events of the partition may already be on their way
+    /// (and written), which breaks order under `on_rejected_event = stop`.
     pub fn ensure_topic(
         &mut self,
         topic: &str,
         creation: &TopicCreation,
         mut interrupts: impl FnMut(),
-    ) -> Result<(), TopicError> {
-        if self.known_topics.contains(topic) {
-            return Ok(());
+    ) -> Result<Option<usize>, TopicError> {
+        if let Some(limit) = self.known_topics.get(topic) {
+            return Ok(*limit);
         }
         let md = self
             .producer
@@ -248,11 +262,41 @@ impl Publisher {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        let limit = if self.compressed { None } else { self.max_message_bytes(topic, &mut interrupts) };
         if self.known_topics.len() >= KNOWN_TOPICS_MAX {
             self.known_topics.clear();
         }
-        self.known_topics.insert(topic.to_owned());
-        Ok(())
+        self.known_topics.insert(topic.to_owned(), limit);
+        Ok(limit)
+    }
+
+    /// The topic's `max.message.bytes` (its own or the broker's default), or
+    /// None when the broker does not say (no DescribeConfigs right, say):
+    /// then only the broker's answer tells.
+    fn max_message_bytes(&self, topic: &str, interrupts: &mut impl FnMut()) -> Option<usize> {
+        let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create()).ok()?;
+        let name = topic.to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        with_signals_blocked(|| {
+            std::thread::Builder::new().name("outbox-admin".into()).spawn(move || {
+                let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+                let spec = [ResourceSpecifier::Topic(&name)];
+                let r = futures_executor::block_on(admin.describe_configs(spec.iter(), &opts));
+                let limit = r.ok().and_then(|v| {
+                    let res = v.into_iter().next()?.ok()?;
+                    res.get("max.message.bytes")?.value.as_deref()?.parse::<usize>().ok()
+                });
+                let _ = tx.send(limit);
+            })
+        })
+        .ok()?;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(limit) => return limit,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
     }
 
     /// Creates the topic. The request runs on a thread of its own while the

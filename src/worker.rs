@@ -610,7 +610,7 @@ impl Sink {
                 return;
             }
         };
-        loop {
+        let topic_limit = loop {
             // Read per topic, so a reload applies without a restart.
             let creation = TopicCreation {
                 enabled: settings::topic_creation(),
@@ -620,7 +620,7 @@ impl Sink {
             match self.publisher.ensure_topic(topic, &creation, || {
                 pg_sys::check_for_interrupts!();
             }) {
-                Ok(()) => break,
+                Ok(limit) => break limit,
                 Err(TopicError::Missing(reason)) => {
                     self.reject(failure(seq, refused(reason, Some(topic))));
                     return;
@@ -634,6 +634,18 @@ impl Sink {
                     self.apply_reports(Duration::from_millis(500));
                     pg_sys::check_for_interrupts!();
                 }
+            }
+        };
+        if let Some(limit) = topic_limit {
+            let size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, &ev.headers, ev.payload);
+            if size > limit {
+                // Refused here, before it is sent, so nothing after it can
+                // reach the partition first (see Publisher::ensure_topic).
+                let reason = format!(
+                    "event is too large for topic \"{topic}\": {size} bytes as a Kafka record, its max.message.bytes is {limit}"
+                );
+                self.reject(failure(seq, refused(reason, Some(topic))));
+                return;
             }
         }
         let Sink { publisher, tracker, published, published_bytes, last_ack, failed, shared, .. } = self;

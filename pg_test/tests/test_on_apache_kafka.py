@@ -85,6 +85,34 @@ def send_around_a_rejection(kpg, kafka, topic):
     return [str(e) for e in (e1, big, e3, e4)]
 
 
+def test_d6_broker_limit_with_stop_keeps_order(kpg, kafka):
+    """on_rejected_event = stop, and an event above its topic's
+    max.message.bytes, followed by more events of the same partition. 0.1.0
+    sent them all; the broker refused the big one after the next ones were
+    on their way, and they were written first (the event re-sent after the
+    fix then landed behind them). The relay now reads the topic's limit and
+    refuses the event before sending it: nothing after it is written, and
+    after the fix and resume everything arrives in commit order."""
+    topic = rig.unique_topic("stoporder")
+    set_conf(kpg, "outbox.on_rejected_event", "stop")
+    try:
+        e1, big, e3, e4 = send_around_a_rejection(kpg, kafka, topic)
+        status = rig.wait_for_relay(kpg, state="stopped on bad event", timeout=60)
+        assert big in status["last_error"] and "max.message.bytes is 20000" in status["last_error"], status["last_error"]
+        time.sleep(2)
+        assert ids(kafka.consume(topic, expect=1, timeout=10, linger=2)) == [e1], "nothing after the rejected event"
+        kafka.alter_topic(topic, {"max.message.bytes": "1000000"})  # the fix
+        with kpg.connect() as c:
+            assert c.execute("SELECT outbox_relay_resume()").fetchone()[0]
+        rig.wait_for_relay(kpg, timeout=60)
+        rig.drain(kpg)
+        got = kafka.consume(topic, expect=4, timeout=30, linger=1)
+        assert ids(got) == [e1, big, e3, e4]
+        print(f"\n[stop] {len(got)} records for 4 events (duplicates: {len(got) - 4})")
+    finally:
+        set_conf(kpg, "outbox.on_rejected_event", None)
+
+
 def test_d6_broker_rejection_dead_lettered_then_the_rest_in_order(kpg, kafka):
     """on_rejected_event = dead_letter: the refused event goes to the table,
     what follows is published in commit order, nothing is lost, and the dead
@@ -100,7 +128,7 @@ def test_d6_broker_rejection_dead_lettered_then_the_rest_in_order(kpg, kafka):
     with kpg.connect() as c:
         dl = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
         assert [str(i) for i, _ in dl] == [big], dl
-        assert "too large" in dl[0][1].lower(), dl
+        assert "too large" in dl[0][1].lower() and "max.message.bytes is 20000" in dl[0][1], dl
         c.execute("DELETE FROM outbox_dead_letter")
     print(f"\n[dead letter] {len(got)} records for 3 events (duplicates: {len(got) - 3})")
 
