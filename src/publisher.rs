@@ -179,9 +179,9 @@ impl Publisher {
             .set("queue.buffering.max.messages", "20000");
         if one_per_request {
             // Each event in a request of its own, one request at a time: a
-            // size rejection then names the event that is really too large
-            // (see kafka_errors), and nothing behind it is in flight, so
-            // nothing behind it can be written before it.
+            // batch rejection then names the event really refused (see
+            // kafka_errors::is_batch_rejection), and nothing behind it is in
+            // flight, so nothing behind it can be written before it.
             config.set("batch.num.messages", "1").set("max.in.flight.requests.per.connection", "1");
         }
         let mut ignored = Vec::new();

@@ -104,7 +104,7 @@ pub struct Shared {
     streak_hi: AtomicU64,
     streak_lo: AtomicU64,
     streak_attempts: AtomicU32,
-    /// After the broker refused a produce request as too large: send one
+    /// After the broker refused a record batch for one of its events: send one
     /// event per request until the confirmed position reaches this LSN.
     isolate_until: AtomicU64,
 }

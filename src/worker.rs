@@ -356,7 +356,7 @@ struct Sink {
     published_bytes: u64,
     /// Rejected events to write to the dead-letter table at the next settle.
     dead: Vec<dead_letter::Pending>,
-    /// The producer sends one event per request (after a size rejection;
+    /// The producer sends one event per request (after a batch rejection;
     /// until the position in `Shared::isolating_until` is confirmed).
     one_per_request: bool,
     /// Events already in the dead-letter table that this stream may decode
@@ -429,14 +429,14 @@ impl Sink {
     /// stream; a permanent one is dead-lettered or stops the relay
     /// (outbox.on_rejected_event).
     fn reject(&mut self, mut f: Failure) {
-        if f.from_report && f.rej.permanent && kafka_errors::is_size_rejection(f.rej.code) && !self.one_per_request {
-            // The broker refused the request this event was in; which of its
-            // events is too large is not known. Resend one event per request
-            // up to here (a restart of the stream), then judge each alone.
+        if f.from_report && f.rej.permanent && kafka_errors::is_batch_rejection(f.rej.code) && !self.one_per_request {
+            // The broker refused the batch this event was in, maybe for
+            // another event of it. Resend one event per request up to here
+            // (a restart of the stream), then judge each event alone.
             self.shared.isolate_until(f.commit_lsn);
             f.rej.permanent = false;
             f.rej.reason = format!(
-                "{} (for the request it was sent in; resending one event per request to find the one too large)",
+                "{} (for the batch it was sent in; resending one event per request to find the one refused)",
                 f.rej.reason
             );
         }
@@ -835,12 +835,12 @@ fn build_publisher(one_per_request: bool) -> Publisher {
 
 impl Relay {
     fn start(shared: &'static Shared, slot: &str) -> Relay {
-        // After a size rejection, until the events of the refused request
+        // After a batch rejection, until the events of the refused batch
         // are settled: one event per request.
         let one_per_request = slot::find(slot).is_some_and(|i| shared.isolating_until() > i.confirmed_flush);
         if one_per_request {
             log!(
-                "outbox relay: sending one event per request up to {} (the broker refused a request as too large)",
+                "outbox relay: sending one event per request up to {} (the broker refused a batch for one of its events)",
                 lsn::format(shared.isolating_until())
             );
         }

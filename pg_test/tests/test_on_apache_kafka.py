@@ -220,3 +220,32 @@ def test_d12_table_path_worker_memory_is_flat_in_a_large_transaction(kpg, kafka)
     grew = (peak[200_000] - peak[10_000]) / 1024
     assert grew < 16, f"the worker's peak private memory grew by {grew:.1f} MiB from 10k to 200k rows"
 
+
+
+def test_d7_an_event_older_than_the_topics_timestamp_window_is_dead_lettered_not_retried_forever(kpg, kafka):
+    """A backlog older than the topic's message.timestamp.before.max.ms: the
+    broker answers INVALID_TIMESTAMP for the event (its timestamp is its
+    commit time) every time it is sent. 0.1.0 counted that as transient and
+    restarted the stream without end; it is permanent for the event, so it
+    is dead-lettered (default) and what follows is published."""
+    topic = rig.unique_topic("oldts")
+    kafka.create_topic(topic, partitions=1, config={"message.timestamp.before.max.ms": "15000"})
+    with kpg.connect() as c:
+        c.execute("DELETE FROM outbox_dead_letter")
+    set_conf(kpg, "outbox.relay_enabled", "off")
+    rig.wait_for_relay(kpg, state="disabled")
+    try:
+        with kpg.connect() as c:
+            old = emit(c, topic, "k", {"n": 1})
+        time.sleep(17)  # the backlog ages past the topic's window
+    finally:
+        set_conf(kpg, "outbox.relay_enabled", None)
+    rig.wait_for_relay(kpg, timeout=60)
+    with kpg.connect() as c:
+        fresh = emit(c, topic, "k", {"n": 2})
+    rig.drain(kpg, timeout_ms=120_000)
+    with kpg.connect() as c:
+        dl = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
+        c.execute("DELETE FROM outbox_dead_letter")
+    assert [str(i) for i, _ in dl] == [str(old)] and "timestamp" in dl[0][1].lower(), dl
+    assert ids(kafka.consume(topic, expect=1, timeout=30, linger=1)) == [str(fresh)]

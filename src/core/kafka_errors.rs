@@ -29,11 +29,21 @@ pub fn is_permanent(code: i32) -> bool {
     PERMANENT.contains(&code)
 }
 
-/// The broker refused a whole produce request as too large. librdkafka
-/// sends several events in one request, so the event a delivery report
-/// names may be an innocent neighbour of the one really too large.
-pub fn is_size_rejection(code: i32) -> bool {
-    matches!(code, 10 | 18) // MSG_SIZE_TOO_LARGE, RECORD_LIST_TOO_LARGE
+/// A refusal the broker makes for a whole record batch because of one
+/// record in it (too large, a timestamp outside the topic's window, a
+/// record it finds invalid or against policy). librdkafka sends several
+/// events in one batch, so the event a delivery report names may be an
+/// innocent neighbour of the one really refused.
+pub fn is_batch_rejection(code: i32) -> bool {
+    matches!(
+        code,
+        4     // INVALID_MSG_SIZE
+        | 10  // MSG_SIZE_TOO_LARGE
+        | 18  // RECORD_LIST_TOO_LARGE
+        | 32  // INVALID_TIMESTAMP
+        | 44  // POLICY_VIOLATION
+        | 87  // INVALID_RECORD
+    )
 }
 
 /// Answers to an admin request (topic creation) that say "not now" rather
@@ -59,9 +69,10 @@ mod tests {
     use super::{is_permanent, is_transient_admin};
 
     #[test]
-    fn size_rejections_are_per_request() {
-        assert!(super::is_size_rejection(10) && super::is_size_rejection(18));
-        assert!(!super::is_size_rejection(29) && !super::is_size_rejection(-1));
+    fn batch_rejections_may_name_innocent_neighbours() {
+        assert!(super::is_batch_rejection(10) && super::is_batch_rejection(18) && super::is_batch_rejection(32));
+        assert!(!super::is_batch_rejection(29), "not authorised: the whole topic, not one record");
+        assert!(!super::is_batch_rejection(-1));
     }
 
     #[test]
