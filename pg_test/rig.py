@@ -230,6 +230,19 @@ class BrokerClient:
         for fut in admin.incremental_alter_configs([res]).values():
             fut.result(15)
 
+    proc: subprocess.Popen | None
+
+    def _terminate(self, grace: float) -> None:
+        """SIGTERM the broker's process, SIGKILL after `grace` seconds."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
     def topics(self) -> set[str]:
         from confluent_kafka.admin import AdminClient
 
@@ -342,14 +355,7 @@ class Broker(BrokerClient):
         return self.proc is not None and self.proc.poll() is not None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._terminate(grace=10)
         wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=10)
 
 KAFKA_LIBS = HERE / ".kafka" / "libs"
@@ -416,14 +422,7 @@ class KafkaBroker(BrokerClient):
         wait_for("Kafka to serve metadata", lambda: self.topics() is not None, timeout=60)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        self._terminate(grace=30)
 
 
 def relay_status(pg: "Postgres") -> dict:

@@ -54,3 +54,13 @@ def insert_dead_letter(conn: psycopg.Connection, event_id: str, topic: str, key:
         "VALUES (%s, 'Order', %s, %s, %s::jsonb, %s, 'test', '0/1', now())",
         (event_id, key, event_type, json.dumps(payload), topic),
     )
+
+
+def first_occurrences(messages: list[dict]) -> list[str]:
+    """Event ids of consumed messages in order of first arrival (a re-sent
+    duplicate counts where it first appeared)."""
+    seen: list[str] = []
+    for m in messages:
+        if m["headers"]["id"] not in seen:
+            seen.append(m["headers"]["id"])
+    return seen

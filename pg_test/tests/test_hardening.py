@@ -8,7 +8,7 @@ import time
 import uuid
 
 import rig
-from helpers import decoded, lsn_int, scratch_slot, sqlstate_of
+from helpers import decoded, first_occurrences, lsn_int, scratch_slot, sqlstate_of
 from test_relay_limits import emit, set_conf
 
 
@@ -251,14 +251,6 @@ def key_path(pg):
 
 def confirmed_lsn(c):
     return c.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone()[0]
-
-
-def first_occurrences(messages):
-    seen = []
-    for m in messages:
-        if m["headers"]["id"] not in seen:
-            seen.append(m["headers"]["id"])
-    return seen
 
 
 def test_d5_message_key_missing_or_replaced_never_loses_an_unpublished_event(db, broker):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import rig
-from helpers import sqlstate_of  # noqa: F401 - kept for symmetry with the other suites
+from helpers import first_occurrences as ids
 from test_relay_limits import emit, set_conf
 
 
@@ -38,14 +38,6 @@ def kpg(kafka):
         yield pg
     finally:
         pg.stop(mode="immediate", check=False)
-
-
-def ids(messages):
-    seen = []
-    for m in messages:
-        if m["headers"]["id"] not in seen:
-            seen.append(m["headers"]["id"])
-    return seen
 
 
 def test_d8_topic_probes_never_create_a_topic(kpg, kafka):
