@@ -373,7 +373,7 @@ class KafkaBroker(BrokerClient):
     CLUSTER_ID = "b3V0Ym94LXRlc3QtY2x1c3Q"
 
     def __init__(self, run_dir: Path = RUN, port: int = KAFKA_BROKER_PORT):
-        self.dir = run_dir / "apache-kafka"
+        self.dir = run_dir / f"apache-kafka-{port}"
         self.port = port
         self.controller_port = port + 1
         self.proc: subprocess.Popen | None = None
@@ -423,6 +423,7 @@ class KafkaBroker(BrokerClient):
 
     def stop(self) -> None:
         self._terminate(grace=30)
+        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=30)
 
 
 def relay_status(pg: "Postgres") -> dict:
