@@ -27,11 +27,12 @@ use outbox_core::{format_uuid_into, time};
 /// of their names, when set (`kafka_props::check`); they are applied last.
 pub const FIXED: [(&str, &str); 6] = [
     ("enable.idempotence", "true"),
-    // After a produce request fails for good, nothing later for the
-    // partition is written (librdkafka raises a fatal error instead of
-    // re-sending what followed under a new epoch): an event re-sent after
-    // the failure cannot land behind events that came after it. The relay
-    // answers the fatal error by restarting the stream with a new producer.
+    // After a produce request fails for good, librdkafka raises a fatal
+    // error instead of re-sending what followed under a new epoch, so the
+    // broker's sequence check stops later requests for the partition (not
+    // the first requests of a new producer: Kafka accepts those whatever
+    // their sequence). The relay answers the fatal error (a transient
+    // failure) by restarting the stream with a new producer.
     ("enable.gapless.guarantee", "true"),
     ("acks", "all"),
     ("message.timeout.ms", "0"),
@@ -276,27 +277,19 @@ impl Publisher {
     fn max_message_bytes(&self, topic: &str, interrupts: &mut impl FnMut()) -> Option<usize> {
         let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create()).ok()?;
         let name = topic.to_owned();
-        let (tx, rx) = std::sync::mpsc::channel();
-        with_signals_blocked(|| {
-            std::thread::Builder::new().name("outbox-admin".into()).spawn(move || {
+        admin_call(
+            move || {
                 let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
                 let spec = [ResourceSpecifier::Topic(&name)];
                 let r = futures_executor::block_on(admin.describe_configs(spec.iter(), &opts));
-                let limit = r.ok().and_then(|v| {
+                r.ok().and_then(|v| {
                     let res = v.into_iter().next()?.ok()?;
                     res.get("max.message.bytes")?.value.as_deref()?.parse::<usize>().ok()
-                });
-                let _ = tx.send(limit);
-            })
-        })
-        .ok()?;
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(limit) => return limit,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
-            }
-        }
+                })
+            },
+            interrupts,
+        )
+        .flatten()
     }
 
     /// Creates the topic. The request runs on a thread of its own while the
@@ -308,26 +301,17 @@ impl Publisher {
         let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create())
             .map_err(|e| TopicError::Unreachable(format!("could not create a Kafka admin client: {e}")))?;
         let (name, partitions, rf) = (topic.to_owned(), creation.partitions, creation.replication_factor);
-        let (tx, rx) = std::sync::mpsc::channel();
-        with_signals_blocked(|| {
-            std::thread::Builder::new().name("outbox-admin".into()).spawn(move || {
+        let res = admin_call(
+            move || {
                 let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(rf));
                 let opts = AdminOptions::new()
                     .operation_timeout(Some(Duration::from_secs(10)))
                     .request_timeout(Some(Duration::from_secs(15)));
-                let _ = tx.send(futures_executor::block_on(admin.create_topics([&new], &opts)));
-            })
-        })
-        .map_err(|e| TopicError::Unreachable(format!("could not start a thread to create topic \"{topic}\": {e}")))?;
-        let res = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(r) => break r,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(TopicError::Unreachable(format!("creating topic \"{topic}\" gave no answer")))
-                }
-            }
-        };
+                futures_executor::block_on(admin.create_topics([&new], &opts))
+            },
+            interrupts,
+        )
+        .ok_or_else(|| TopicError::Unreachable(format!("creating topic \"{topic}\" gave no answer")))?;
         let res = res.map_err(|e| TopicError::Unreachable(format!("create topic \"{topic}\": {e}")))?;
         for r in res {
             match r {
@@ -414,6 +398,26 @@ impl Publisher {
         }
     }
 
+}
+
+/// Runs an admin request (it blocks for seconds) on a thread of its own
+/// while the worker waits in 100 ms steps, serving `interrupts`. None: the
+/// thread could not start or ended without an answer.
+fn admin_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static, interrupts: &mut impl FnMut()) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    with_signals_blocked(|| {
+        std::thread::Builder::new().name("outbox-admin".into()).spawn(move || {
+            let _ = tx.send(f());
+        })
+    })
+    .ok()?;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => return Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
 }
 
 /// The producer's local queue in KiB: 32 MiB, or room for two of the largest
