@@ -266,25 +266,38 @@ pub(crate) fn write_event(
 }
 
 
+/// The call's `TriggerData`, or a trigger-protocol ERROR naming `function`
+/// when it is not called as a trigger.
+///
+/// # Safety
+/// `fcinfo` must be Postgres' call frame for this call.
+pub(crate) unsafe fn trigger_data(fcinfo: pg_sys::FunctionCallInfo, function: &str) -> *mut pg_sys::TriggerData {
+    // SAFETY: the context is checked to be a TriggerData before it is
+    // used as one.
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            raise(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("{function} must be called as a trigger"),
+                None,
+                None,
+            );
+        }
+        ctx as *mut pg_sys::TriggerData
+    }
+}
+
 /// BEFORE INSERT row trigger on the outbox table: the same checks as
 /// `outbox_emit()`, so a row the relay could not publish is refused at
 /// INSERT instead of being discovered later.
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn outbox_table_guard(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: fcinfo is Postgres' call frame; context is checked to be a
-    // TriggerData before it is dereferenced.
+    // SAFETY: fcinfo is Postgres' call frame.
+    let td = unsafe { trigger_data(fcinfo, "outbox_table_guard()") };
+    // SAFETY: td is this call's TriggerData.
     unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            raise(
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "outbox_table_guard() must be called as a trigger",
-                None,
-                None,
-            );
-        }
-        let td = ctx as *mut pg_sys::TriggerData;
         let tuple = (*td).tg_trigtuple;
         let desc = (*(*td).tg_relation).rd_att;
         preflight(c"INSERT INTO the outbox table");

@@ -71,19 +71,11 @@ fn drain_target() -> u64 {
             Some("Call outbox_drain() on the primary.".into()),
         );
     }
-    // SAFETY: GetXLogInsertRecPtr reads shared WAL state under its lock;
-    // XLogFlush of WAL already inserted is what any COMMIT does (it raises
-    // on an I/O error, through pgrx's guarded binding); wal_segment_size is
-    // a plain global set at startup.
-    unsafe {
-        let insert = pg_sys::GetXLogInsertRecPtr();
-        // Flush the record end, not the raw insert position: past a page
-        // header it is WAL not generated yet, and XLogFlush raises
-        // "xlog flush request ... is not satisfied" for it.
-        let end = outbox_core::lsn::insert_as_record_end(insert, pg_sys::XLOG_BLCKSZ as u64, pg_sys::wal_segment_size as u64);
-        pg_sys::XLogFlush(end);
-        end
-    }
+    let end = slot::generated_wal_end();
+    // SAFETY: XLogFlush of WAL already generated is what any COMMIT does (it
+    // raises on an I/O error, through pgrx's guarded binding).
+    unsafe { pg_sys::XLogFlush(end) };
+    end
 }
 
 /// `outbox_relay_status()`: the worker's shared-memory status (read without

@@ -115,20 +115,8 @@ unsafe fn field_text(json: pg_sys::Datum, field: &str) -> Option<String> {
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn outbox_row_trigger(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: fcinfo is Postgres' call frame; its context is checked to be a
-    // TriggerData before it is used as one.
-    let td = unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            raise(
-                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-                "outbox_row_trigger() must be called as a trigger",
-                None,
-                None,
-            );
-        }
-        ctx as *mut pg_sys::TriggerData
-    };
+    // SAFETY: fcinfo is Postgres' call frame.
+    let td = unsafe { emit::trigger_data(fcinfo, "outbox_row_trigger()") };
     // SAFETY: td is this call's TriggerData.
     let (call, event) = unsafe { (call_of(td), (*td).tg_event) };
     let after = event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_AFTER;

@@ -470,18 +470,25 @@ pub fn producer_fingerprint() -> String {
     format!("{}\u{1}{}\u{1}{}\u{1}{:x}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish())
 }
 
+/// An integer setting where 0 means nothing sensible (-1 is "off" or "the
+/// default"): refused with `why`.
+///
+/// # Safety
+/// `newval` is the GUC machinery's pointer to the new value.
+unsafe fn refuse_zero(newval: *mut i32, why: &str) -> bool {
+    // SAFETY: the caller passes the GUC machinery's valid pointer; see
+    // check_failed.
+    unsafe { *newval != 0 || check_failed(why) }
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn check_replication_factor(
     newval: *mut i32,
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    // SAFETY: the GUC machinery passes a valid pointer to the new value.
-    if unsafe { *newval } == 0 {
-        // SAFETY: see check_failed.
-        return unsafe { check_failed("a topic needs at least one replica; use -1 for the broker's default") };
-    }
-    true
+    // SAFETY: see refuse_zero.
+    unsafe { refuse_zero(newval, "a topic needs at least one replica; use -1 for the broker's default") }
 }
 
 #[pg_guard]
@@ -490,12 +497,11 @@ unsafe extern "C-unwind" fn check_max_retained_wal(
     _extra: *mut *mut c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    // SAFETY: the GUC machinery passes a valid pointer to the new value.
-    if unsafe { *newval } == 0 {
-        // SAFETY: see check_failed.
-        return unsafe {
-            check_failed("0 would refuse every event (a slot always retains some WAL); use -1 for no limit, or a size such as 16GB")
-        };
+    // SAFETY: see refuse_zero.
+    unsafe {
+        refuse_zero(
+            newval,
+            "0 would refuse every event (a slot always retains some WAL); use -1 for no limit, or a size such as 16GB",
+        )
     }
-    true
 }

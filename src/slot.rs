@@ -59,6 +59,17 @@ pub fn insert_lsn() -> u64 {
     unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
+/// The end of the WAL generated so far, as a record's end (the insert
+/// position, moved back from behind a page header: see
+/// `outbox_core::lsn::insert_as_record_end`). WAL up to it can be flushed;
+/// XLogFlush past it raises "xlog flush request ... is not satisfied".
+pub fn generated_wal_end() -> u64 {
+    // SAFETY: XLOG_BLCKSZ is a constant and wal_segment_size a plain global
+    // set at startup.
+    let segment = unsafe { pg_sys::wal_segment_size } as u64;
+    outbox_core::lsn::insert_as_record_end(insert_lsn(), pg_sys::XLOG_BLCKSZ as u64, segment)
+}
+
 /// WAL the slot holds back: insert position minus restart_lsn.
 pub fn retained(info: &SlotInfo) -> u64 {
     retained_since(info.restart_lsn)

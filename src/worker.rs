@@ -759,13 +759,7 @@ unsafe extern "C-unwind" fn read_page(
     // guard, which turns that into a Rust unwind through our frames.
     unsafe {
         if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
-            // Never past the end of generated WAL (see ops::drain_target).
-            let generated = outbox_core::lsn::insert_as_record_end(
-                pg_sys::GetXLogInsertRecPtr(),
-                pg_sys::XLOG_BLCKSZ as u64,
-                pg_sys::wal_segment_size as u64,
-            );
-            pg_sys::XLogFlush(needed.min(generated));
+            pg_sys::XLogFlush(needed.min(slot::generated_wal_end()));
         }
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)

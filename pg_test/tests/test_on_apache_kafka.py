@@ -17,7 +17,12 @@ from test_relay_limits import emit, set_conf
 
 
 @pytest.fixture(scope="module")
-def kafka(db):
+def kafka(db, broker):
+    """The session's broker when the suite already runs on Kafka
+    (OUTBOX_BROKER=kafka), else one of its own."""
+    if isinstance(broker, rig.KafkaBroker):
+        yield broker
+        return
     k = rig.KafkaBroker()
     k.reset()
     k.start()
