@@ -13,9 +13,7 @@ import rig  # noqa: E402
 
 @pytest.fixture(scope="session")
 def broker():
-    # OUTBOX_BROKER=kafka: Apache Kafka on the suite's broker port instead
-    # of tansu (the Kafka issue moves the default).
-    b = rig.KafkaBroker(port=rig.KAFKA_PORT) if os.environ.get("OUTBOX_BROKER") == "kafka" else rig.Broker()
+    b = rig.KafkaBroker()
     b.reset()
     b.start()
     yield b

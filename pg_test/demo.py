@@ -9,14 +9,14 @@ import rig
 def main() -> int:
     keep = "--keep" in sys.argv
     rig.install_extension()
-    broker = rig.Broker()
+    broker = rig.KafkaBroker()
     broker.reset()
     broker.start()
     pg = rig.Postgres()
     pg.init()
     pg.start()
     pg.create_database()
-    rig.log(f"PostgreSQL on 127.0.0.1:{pg.port} (database {rig.DATABASE}), Kafka-protocol broker on {broker.bootstrap}")
+    rig.log(f"PostgreSQL on 127.0.0.1:{pg.port} (database {rig.DATABASE}), Apache Kafka on {broker.bootstrap}")
     try:
         with pg.connect() as c:
             c.execute("CREATE EXTENSION outbox")

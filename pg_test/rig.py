@@ -1,13 +1,14 @@
-"""The end-to-end rig: a real PostgreSQL cluster with outbox preloaded and a
-real Kafka-protocol broker (tansu) on 127.0.0.1, started and stopped by this
-module. Used by the pytest suite (conftest.py), the demo and the benchmarks.
+"""The end-to-end rig: a real PostgreSQL cluster with outbox preloaded and
+real Apache Kafka on 127.0.0.1 (a single KRaft node, or three brokers and a
+controller for the replication faults), started and stopped by this module.
+Used by the pytest suite (conftest.py), the demo and the benchmarks.
 
 Postgres refuses to run as root, so the cluster runs as the `postgres` OS
 user through sudo; its files live under pg_test/.run/.
 
 Fault helpers for the relay's tests: stop/start the broker (it keeps its data
-in sqlite across restarts), stop the server with `-m immediate`, kill a
-backend by pid, and a consumer that reads a topic back.
+across restarts), kill -9 a broker of the cluster, stop the server with
+`-m immediate`, kill a backend by pid, and a consumer that reads a topic back.
 """
 
 from __future__ import annotations
@@ -210,11 +211,13 @@ class BrokerClient:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def create_topic(self, name: str, partitions: int = 3, config: dict[str, str] | None = None) -> None:
+    def create_topic(self, name: str, partitions: int = 3, config: dict[str, str] | None = None,
+                     replication_factor: int = 1) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        fut = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})])[name]
+        new = NewTopic(name, num_partitions=partitions, replication_factor=replication_factor, config=config or {})
+        fut = admin.create_topics([new])[name]
         try:
             fut.result(15)
         except Exception as e:  # noqa: BLE001
@@ -315,89 +318,59 @@ class BrokerClient:
         return out
 
 
-class Broker(BrokerClient):
-    """tansu with sqlite storage, so its data survives its own restart (the
-    fault tests stop and start it). The benchmarks pass a build with the
-    in-memory engine (`memory://tansu/`), ten times faster."""
-
-    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_PORT, binary: str = "tansu",
-                 storage: str = "sqlite://tansu.db"):
-        self.dir = run_dir / "kafka"
-        self.port = port
-        self.binary = binary
-        self.storage = storage
-        self.proc: subprocess.Popen | None = None
-        self.logfile = self.dir / "tansu.log"
-
-    def reset(self) -> None:
-        self.stop()
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-
-    def start(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        url = f"tcp://127.0.0.1:{self.port}"
-        with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 # tansu resolves a sqlite path against its working directory.
-                 "--storage-engine", self.storage],
-                cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_for(f"the broker on port {self.port}", lambda: port_open(self.port) or self._died(), timeout=30)
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"tansu exited with {self.proc.returncode}; see {self.logfile}")
-
-    def _died(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
-
-    def stop(self) -> None:
-        self._terminate(grace=10)
-        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=10)
-
 KAFKA_LIBS = HERE / ".kafka" / "libs"
-KAFKA_BROKER_PORT = int(os.environ.get("OUTBOX_APACHE_KAFKA_PORT", "19292"))
 
 
 class KafkaBroker(BrokerClient):
-    """Apache Kafka (the release pg_test/kafka/pom.xml pins), one KRaft node
-    acting as broker and controller on 127.0.0.1, started from the jars
-    setup.sh copied out of Maven Central. Heap bounded for a 2-core machine.
-    Topics are auto-created on metadata requests here (the broker default),
-    so a client that asks for metadata with auto-creation allowed would
-    create them: the relay must not."""
+    """Apache Kafka (the release pg_test/kafka/pom.xml pins), a KRaft node on
+    127.0.0.1 started from the jars setup.sh copied out of Maven Central,
+    with its heap bounded for a 2-core machine. Alone it acts as broker and
+    controller (the suite's broker: `port` for clients, `port + 1` for the
+    controller); in a KafkaCluster it is a broker, or the controller.
+    Its data survives its own stop and start (the fault tests need that).
+    Topics are auto-created on metadata requests (the broker default), so a
+    client that asks for metadata with auto-creation allowed would create
+    them: the relay must not."""
 
     CLUSTER_ID = "b3V0Ym94LXRlc3QtY2x1c3Q"
 
-    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_BROKER_PORT):
+    def __init__(self, run_dir: Path = RUN, port: int = KAFKA_PORT, node_id: int = 1,
+                 roles: str = "broker,controller", voters: str | None = None,
+                 extra: dict[str, str] | None = None, heap: str = "512m"):
         self.dir = run_dir / f"apache-kafka-{port}"
         self.port = port
-        self.controller_port = port + 1
+        self.node_id = node_id
+        self.roles = roles
+        self.voters = voters or f"{node_id}@127.0.0.1:{port + 1}"
+        self.extra = extra or {}
+        self.heap = heap
         self.proc: subprocess.Popen | None = None
         self.logfile = self.dir / "kafka.log"
 
-    def _java(self, *args: str, **kw) -> list[str]:
-        return ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
-                "-cp", f"{KAFKA_LIBS}/*", *args]
+    def _java(self, *args: str) -> list[str]:
+        return ["java", "-Xms128m", f"-Xmx{self.heap}", "-XX:+UseSerialGC",
+                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{KAFKA_LIBS}/*", *args]
 
-    def reset(self) -> None:
-        self.stop()
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
+    def _props(self) -> dict[str, str]:
         props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "process.roles": self.roles,
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters,
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.dir / "data"),
+        }
+        if self.roles == "controller":
+            props["listeners"] = f"CONTROLLER://127.0.0.1:{self.port}"
+            props.update(self.extra)
+            return props
+        listeners = [f"PLAINTEXT://127.0.0.1:{self.port}"]
+        if "controller" in self.roles:
+            listeners.append(f"CONTROLLER://127.0.0.1:{self.port + 1}")
+        props.update({
+            "listeners": ",".join(listeners),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "inter.broker.listener.name": "PLAINTEXT",
             "num.partitions": "1",
             "default.replication.factor": "1",
             "offsets.topic.replication.factor": "1",
@@ -405,25 +378,106 @@ class KafkaBroker(BrokerClient):
             "transaction.state.log.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
-        }
-        (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        })
+        props.update(self.extra)
+        return props
+
+    def reset(self) -> None:
+        self.stop()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        (self.dir / "server.properties").write_text("".join(f"{k}={v}\n" for k, v in self._props().items()))
         run(self._java("kafka.tools.StorageTool", "format", "-t", self.CLUSTER_ID, "-c", str(self.dir / "server.properties")),
             stdout=subprocess.DEVNULL)
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Starts the JVM and returns at once (a cluster starts its nodes together)."""
         if self.proc and self.proc.poll() is None:
             return
         with open(self.logfile, "ab") as logf:
             self.proc = subprocess.Popen(self._java("kafka.Kafka", str(self.dir / "server.properties")),
                                          cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_serving(self) -> None:
         wait_for(f"Apache Kafka on port {self.port}", lambda: port_open(self.port) or self.proc.poll() is not None, timeout=90)
         if self.proc.poll() is not None:
             raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.logfile}")
-        wait_for("Kafka to serve metadata", lambda: self.topics() is not None, timeout=60)
+        if self.roles != "controller":
+            wait_for("Kafka to serve metadata", lambda: self.topics() is not None, timeout=60)
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_serving()
 
     def stop(self) -> None:
         self._terminate(grace=30)
         wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=30)
+
+    def kill(self) -> None:
+        """kill -9: no controlled shutdown, no leadership handed over."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class KafkaCluster(BrokerClient):
+    """Three Apache Kafka brokers (node ids 1-3 on ports base+1..base+3) and
+    one KRaft controller (node 100, port base) on 127.0.0.1. The controller
+    stands apart so that killing two brokers leaves the metadata quorum up:
+    the last broker then shrinks its in-sync replicas and answers
+    NOT_ENOUGH_REPLICAS, as in a production cluster with dedicated
+    controllers, instead of losing its controller."""
+
+    def __init__(self, run_dir: Path, base_port: int):
+        voters = f"100@127.0.0.1:{base_port}"
+        # The controller fences a killed broker after 3 s without a heartbeat
+        # (default 9 s) and creates topics with RF 3 and min.insync 2.
+        self.controller = KafkaBroker(run_dir, base_port, node_id=100, roles="controller", voters=voters, heap="256m",
+                                      extra={"broker.session.timeout.ms": "3000", "default.replication.factor": "3",
+                                             "min.insync.replicas": "2"})
+        extra = {"broker.heartbeat.interval.ms": "500", "replica.lag.time.max.ms": "5000",
+                 "offsets.topic.replication.factor": "3", "min.insync.replicas": "2"}
+        self.brokers = [KafkaBroker(run_dir, base_port + i, node_id=i, roles="broker", voters=voters,
+                                    extra=extra, heap="384m") for i in (1, 2, 3)]
+        self.port = self.brokers[0].port
+        self.proc = None
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(b.bootstrap for b in self.brokers)
+
+    def reset(self) -> None:
+        self.stop()
+        for node in (self.controller, *self.brokers):
+            node.reset()
+
+    def start(self) -> None:
+        self.controller.start()
+        for b in self.brokers:
+            b.launch()
+        for b in self.brokers:
+            b.wait_serving()
+        wait_for("three registered brokers", lambda: len(self._admin().list_topics(timeout=10).brokers) == 3, timeout=60)
+
+    def stop(self) -> None:
+        for node in (*self.brokers, self.controller):
+            node.stop()
+
+    def _admin(self):
+        from confluent_kafka.admin import AdminClient
+
+        # Quiet: a killed broker is expected to refuse connections.
+        return AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+
+    def broker(self, node_id: int) -> KafkaBroker:
+        return self.brokers[node_id - 1]
+
+    def partitions(self, topic: str) -> dict[int, tuple[int, list[int]]]:
+        """partition -> (leader's node id or -1, in-sync replicas)."""
+        md = self._admin().list_topics(topic, timeout=10)
+        return {p: (pm.leader, sorted(pm.isrs)) for p, pm in md.topics[topic].partitions.items()}
 
 
 def relay_status(pg: "Postgres") -> dict:

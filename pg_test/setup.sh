@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything the demo, the tests and the benchmarks need on a fresh
 # Debian 12 machine where we are root: PostgreSQL 15 with server headers, the
-# pinned cargo-pgrx, the pinned Kafka-protocol broker (tansu), Apache Kafka's
-# broker from Maven Central and a Python virtualenv for the end-to-end suite. Every step is skipped when already done,
+# pinned cargo-pgrx, Apache Kafka's broker and Debezium in Kafka Connect from
+# Maven Central, and a Python virtualenv for the end-to-end suite. Every step is skipped when already done,
 # so a warm run costs seconds.
 set -euo pipefail
 
 PGRX_VERSION=0.18.0
-TANSU_VERSION=0.6.0
-# Apache Kafka from Maven Central (pg_test/kafka/pom.xml pins it).
+# Apache Kafka from Maven Central (pg_test/kafka/pom.xml pins it), and
+# Debezium in Kafka Connect, the peer (pg_test/debezium/pom.xml).
 KAFKA_VERSION=4.3.1
-# sqlite storage through libsql: without a storage feature tansu silently
-# falls back to a null engine that drops every message.
-TANSU_FEATURES=libsql
+DEBEZIUM_VERSION=3.6.3.Final
 PG_MAJOR=15
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -63,17 +61,20 @@ if ! grep -qs "pg$PG_MAJOR = \"$pg_config\"" "$HOME/.pgrx/config.toml"; then
   cargo pgrx init "--pg$PG_MAJOR" "$pg_config" >/dev/null
 fi
 
-if [[ "$(tansu --version 2>/dev/null || true)" != *"$TANSU_VERSION"* ]]; then
-  log "cargo install tansu $TANSU_VERSION (the broker; many minutes)"
-  cargo install tansu --version "$TANSU_VERSION" --locked --quiet --features "$TANSU_FEATURES"
-fi
-
 kafka_libs=$here/.kafka/libs
 if [[ ! -f $kafka_libs/kafka_2.13-$KAFKA_VERSION.jar ]]; then
   log "Apache Kafka $KAFKA_VERSION from Maven Central (pg_test/kafka/pom.xml)"
   rm -rf "$kafka_libs"
   mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$kafka_libs" >/dev/null
+fi
+
+debezium_libs=$here/.debezium/libs
+if [[ ! -f $debezium_libs/debezium-connector-postgres-$DEBEZIUM_VERSION.jar ]]; then
+  log "Debezium $DEBEZIUM_VERSION and Kafka Connect from Maven Central (pg_test/debezium/pom.xml)"
+  rm -rf "$debezium_libs"
+  mvn -q -B -f "$here/debezium/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$debezium_libs" >/dev/null
 fi
 
 venv=$here/.venv
