@@ -480,6 +480,109 @@ class KafkaCluster(BrokerClient):
         return {p: (pm.leader, sorted(pm.isrs)) for p, pm in md.topics[topic].partitions.items()}
 
 
+DEBEZIUM_LIBS = HERE / ".debezium" / "libs"
+CONNECT_REST_PORT = int(os.environ.get("OUTBOX_CONNECT_PORT", "18083"))
+
+
+class DebeziumConnect:
+    """Debezium's PostgreSQL connector (pgoutput, its own slot and
+    publication) with the Outbox Event Router, in Kafka Connect's standalone
+    worker, from the jars setup.sh copied out of Maven Central
+    (pg_test/debezium/pom.xml). It reads `table` on `pg` and publishes to
+    `broker`. `converters` is the worker's key and value converter:
+    "json" as in the guides our users follow (JsonConverter, schemas off),
+    or "string" (StringConverter). `router` and `connector` add or override
+    properties. The JVM gets connect-standalone.sh's own heap and GC
+    options, as a user running the script would."""
+
+    CONVERTERS = {
+        "json": {"key.converter": "org.apache.kafka.connect.json.JsonConverter", "key.converter.schemas.enable": "false",
+                 "value.converter": "org.apache.kafka.connect.json.JsonConverter", "value.converter.schemas.enable": "false"},
+        "string": {"key.converter": "org.apache.kafka.connect.storage.StringConverter",
+                   "value.converter": "org.apache.kafka.connect.storage.StringConverter"},
+    }
+
+    def __init__(self, pg: "Postgres", broker: BrokerClient, run_dir: Path = RUN, table: str = "public.outbox",
+                 converters: str = "json", router: dict[str, str] | None = None,
+                 connector: dict[str, str] | None = None, slot: str = "debezium"):
+        self.pg, self.broker = pg, broker
+        self.dir = run_dir / "debezium"
+        self.logfile = self.dir / "connect.log"
+        self.slot = slot
+        self.worker = {
+            "bootstrap.servers": broker.bootstrap,
+            "offset.storage.file.filename": str(self.dir / "offsets"),
+            "offset.flush.interval.ms": "1000",
+            "listeners": f"http://127.0.0.1:{CONNECT_REST_PORT}",
+            **self.CONVERTERS[converters],
+        }
+        self.connector = {
+            "name": "outbox-connector",
+            "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+            "tasks.max": "1",
+            "database.hostname": "127.0.0.1",
+            "database.port": str(pg.port),
+            "database.user": "postgres",
+            "database.password": "unused",
+            "database.dbname": DATABASE,
+            "topic.prefix": "dbz",
+            "plugin.name": "pgoutput",
+            "slot.name": slot,
+            "publication.name": f"{slot}_publication",
+            "publication.autocreate.mode": "filtered",
+            "table.include.list": table,
+            "snapshot.mode": "no_data",
+            "transforms": "outbox",
+            "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
+            **{f"transforms.outbox.{k}": v for k, v in (router or {}).items()},
+            **(connector or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Starts the worker and returns once the connector streams (its slot
+        is active): an insert from now on is published."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        for name, props in (("worker", self.worker), ("connector", self.connector)):
+            (self.dir / f"{name}.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        cmd = ["java", "-Xms256M", "-Xmx2G", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+               "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
+               "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{DEBEZIUM_LIBS}/*",
+               "org.apache.kafka.connect.cli.ConnectStandalone",
+               str(self.dir / "worker.properties"), str(self.dir / "connector.properties")]
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("Debezium's slot to be active", lambda: self._died() or self._slot_active(), timeout=120, interval=0.2)
+        if self._died():
+            raise RuntimeError(f"Kafka Connect exited with {self.proc.returncode}; see {self.logfile}")
+
+    def _died(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def _slot_active(self) -> bool:
+        with self.pg.connect() as c:
+            row = c.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()
+            return bool(row and row[0])
+
+    def stop(self, drop_slot: bool = True) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if drop_slot:
+            with self.pg.connect() as c:
+                wait_for("Debezium's slot to be released", lambda: not c.execute(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()[0], timeout=30)
+                c.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+                c.execute(f'DROP PUBLICATION IF EXISTS "{self.slot}_publication"')
+
+
 def relay_status(pg: "Postgres") -> dict:
     with pg.connect() as c:
         cur = c.execute("SELECT * FROM outbox_status")
