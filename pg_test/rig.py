@@ -321,6 +321,12 @@ class BrokerClient:
 KAFKA_LIBS = HERE / ".kafka" / "libs"
 
 
+def jar_version(libs: Path, artifact: str) -> str:
+    """The version setup.sh installed, from the jar's name."""
+    jars = sorted(libs.glob(f"{artifact}-*.jar"))
+    return jars[0].name[len(artifact) + 1:-len(".jar")] if jars else "(not installed)"
+
+
 class KafkaBroker(BrokerClient):
     """Apache Kafka (the release pg_test/kafka/pom.xml pins), a KRaft node on
     127.0.0.1 started from the jars setup.sh copied out of Maven Central,
@@ -491,8 +497,8 @@ class DebeziumConnect:
     (pg_test/debezium/pom.xml). It reads `table` on `pg` and publishes to
     `broker`. `converters` is the worker's key and value converter:
     "json" as in the guides our users follow (JsonConverter, schemas off),
-    or "string" (StringConverter). `router` and `connector` add or override
-    properties. The JVM gets connect-standalone.sh's own heap and GC
+    or "string" (StringConverter). `router`, `connector` and `worker` add or
+    override properties. The JVM gets connect-standalone.sh's own heap and GC
     options, as a user running the script would."""
 
     CONVERTERS = {
@@ -504,7 +510,8 @@ class DebeziumConnect:
 
     def __init__(self, pg: "Postgres", broker: BrokerClient, run_dir: Path = RUN, table: str = "public.outbox",
                  converters: str = "json", router: dict[str, str] | None = None,
-                 connector: dict[str, str] | None = None, slot: str = "debezium"):
+                 connector: dict[str, str] | None = None, worker: dict[str, str] | None = None,
+                 slot: str = "debezium"):
         self.pg, self.broker = pg, broker
         self.dir = run_dir / "debezium"
         self.logfile = self.dir / "connect.log"
@@ -515,6 +522,7 @@ class DebeziumConnect:
             "offset.flush.interval.ms": "1000",
             "listeners": f"http://127.0.0.1:{CONNECT_REST_PORT}",
             **self.CONVERTERS[converters],
+            **(worker or {}),
         }
         self.connector = {
             "name": "outbox-connector",
@@ -539,9 +547,8 @@ class DebeziumConnect:
         }
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        """Starts the worker and returns once the connector streams (its slot
-        is active): an insert from now on is published."""
+    def launch(self) -> None:
+        """Starts the worker and returns at once."""
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
@@ -554,9 +561,24 @@ class DebeziumConnect:
                str(self.dir / "worker.properties"), str(self.dir / "connector.properties")]
         with open(self.logfile, "ab") as logf:
             self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> None:
+        """Starts the worker and returns once the connector streams (its slot
+        is active): an insert from now on is published."""
+        self.launch()
         wait_for("Debezium's slot to be active", lambda: self._died() or self._slot_active(), timeout=120, interval=0.2)
         if self._died():
             raise RuntimeError(f"Kafka Connect exited with {self.proc.returncode}; see {self.logfile}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def walsender_pid(self) -> int | None:
+        """The server process decoding for Debezium (pgoutput runs there)."""
+        with self.pg.connect() as c:
+            row = c.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()
+            return row[0] if row else None
 
     def _died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
