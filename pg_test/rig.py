@@ -27,9 +27,19 @@ import psycopg
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUN = Path(os.environ.get("OUTBOX_RUN_DIR", HERE / ".run"))
-PG_MAJOR = "15"
-PG_BIN = Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin")
+# OUTBOX_PG=15|16|17|18 picks the server (default: the newest). 15 is
+# Debian's package; 16-18 are the PyPI builds setup.sh unpacks.
+SUPPORTED_MAJORS = ("15", "16", "17", "18")
+PG_MAJOR = os.environ.get("OUTBOX_PG", SUPPORTED_MAJORS[-1])
+if PG_MAJOR not in SUPPORTED_MAJORS:
+    raise SystemExit(f"OUTBOX_PG={PG_MAJOR}: supported majors are {', '.join(SUPPORTED_MAJORS)}")
+PG_BIN = Path("/usr/lib/postgresql/15/bin") if PG_MAJOR == "15" else HERE / ".pg" / PG_MAJOR / "bin"
 PG_CONFIG = PG_BIN / "pg_config"
+# The PyPI builds' loadable modules keep their build-time RUNPATH
+# (/opt/postgresql/lib): without this, the walreceiver of a standby loads
+# Debian's older libpq, which refuses the options 17+'s pg_basebackup -R
+# writes (sslnegotiation).
+PG_ENV = [] if PG_MAJOR == "15" else ["env", f"LD_LIBRARY_PATH={PG_BIN.parent / 'lib'}"]
 # Below the ephemeral port range (32768-60999 on Linux): a port in it can be
 # taken by any outgoing connection, and a second cluster then cannot bind.
 PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "25432"))
@@ -75,11 +85,12 @@ def port_open(port: int) -> bool:
 
 
 def install_extension(release: bool = False) -> None:
-    """Builds and installs the extension into the system's PostgreSQL 15."""
+    """Builds and installs the extension into the chosen server (cargo-pgrx
+    turns on the feature of pg_config's major)."""
     cmd = ["cargo", "pgrx", "install", "--pg-config", str(PG_CONFIG)]
     if release:
         cmd.append("--release")
-    log("cargo pgrx install" + (" --release" if release else ""))
+    log(f"cargo pgrx install for PostgreSQL {PG_MAJOR}" + (" --release" if release else ""))
     run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
@@ -108,7 +119,7 @@ class Postgres:
         return psycopg.connect(self.dsn(dbname, user), autocommit=autocommit)
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["sudo", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]
+        cmd = ["sudo", "-u", "postgres", "--", *PG_ENV, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]
         return subprocess.run(cmd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def init(self, settings: dict[str, str] | None = None) -> None:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test suite: unit (pure core, no server), in-database (#[pg_test]
-# in pgrx's own test instance) and end to end (pg_test/: a real server and a
-# real broker). Installs whatever is missing first, so it works on a fresh
-# machine. This is the command .ci/run calls.
+# Runs every test suite on every supported PostgreSQL major: unit (pure
+# core, no server), in-database (#[pg_test] in pgrx's own test instance) and
+# end to end (pg_test/: a real server and Apache Kafka). Installs whatever is
+# missing first, so it works on a fresh machine. This is the command .ci/run
+# calls. OUTBOX_MAJORS (default "18 17 16 15") narrows the majors; extra
+# arguments go to every pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -12,13 +14,19 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== unit: cargo test -p outbox-core"
 cargo test -p outbox-core
 
-echo "== in-database: cargo pgrx test pg15"
-# Postgres refuses to run as root: pgrx runs its test instance as 'postgres'
-# in a data directory that user can create.
-# A fresh data directory each run: pgrx writes postgresql_conf_options() only at initdb.
-sudo rm -rf /var/tmp/outbox-pgrx-data
-cargo pgrx test pg15 --runas postgres --pgdata /var/tmp/outbox-pgrx-data
+for major in ${OUTBOX_MAJORS:-18 17 16 15}; do
+  if [[ $major == 15 ]]; then
+    pg_config=/usr/lib/postgresql/15/bin/pg_config
+  else
+    pg_config=$PWD/pg_test/.pg/$major/bin/pg_config
+  fi
+  echo "== in-database, PostgreSQL $major: cargo pgrx test pg$major"
+  # Postgres refuses to run as root: pgrx runs its test instance as
+  # 'postgres' in a data directory that user can create. A fresh one each
+  # run: pgrx writes postgresql_conf_options() only at initdb.
+  sudo rm -rf "/var/tmp/outbox-pgrx-data-$major"
+  PGRX_PG_CONFIG_PATH=$pg_config cargo pgrx test "pg$major" --runas postgres --pgdata "/var/tmp/outbox-pgrx-data-$major"
 
-echo "== end to end: pytest pg_test"
-cd pg_test
-exec .venv/bin/python -m pytest -q "$@"
+  echo "== end to end, PostgreSQL $major: pytest pg_test"
+  (cd pg_test && OUTBOX_PG=$major .venv/bin/python -m pytest -q "$@")
+done

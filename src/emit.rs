@@ -260,7 +260,7 @@ pub(crate) fn write_event(
     // Postgres ERROR inside it into a Rust unwind.
     unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            ffi::LogLogicalMessage(c"outbox".as_ptr(), bytes.as_ptr().cast(), bytes.len(), true)
+            ffi::log_transactional_message(c"outbox", bytes.as_ptr().cast(), bytes.len())
         });
     }
 }

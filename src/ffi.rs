@@ -1,26 +1,185 @@
-//! Postgres functions pgrx does not bind (their headers are not in its
-//! binding set), declared by hand with the signatures of PostgreSQL 15.
-//! Call them through `pg_guard_ffi_boundary` so a Postgres ERROR inside
-//! unwinds correctly through Rust frames.
+//! The FFI layer's version seam. Postgres functions pgrx does not bind
+//! (their headers are not in its binding set), declared by hand, and the
+//! few calls and fields that differ between PostgreSQL 15, 16, 17 and 18,
+//! each behind one small function so the logic above never sees a `cfg`.
+//! Call the externs through `pg_guard_ffi_boundary` so a Postgres ERROR
+//! inside unwinds correctly through Rust frames.
+//!
+//! Checked against each major's headers (15.20, 16 via pgrx's 16.13
+//! bindings, 17.12, 18.6): the signatures below are the same in all four
+//! unless a shim says otherwise.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, CStr};
 
 use pgrx::pg_sys;
 
-#[cfg(feature = "pg15")]
 extern "C-unwind" {
-    /// replication/message.h
-    pub fn LogLogicalMessage(
+    /// replication/message.h, 15 and 16.
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    #[link_name = "LogLogicalMessage"]
+    fn c_log_logical_message(
         prefix: *const c_char,
         message: *const c_char,
         size: usize,
         transactional: bool,
     ) -> pg_sys::XLogRecPtr;
+
+    /// replication/message.h, 17+: a `flush` flag, read only for
+    /// non-transactional messages.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    #[link_name = "LogLogicalMessage"]
+    fn c_log_logical_message(
+        prefix: *const c_char,
+        message: *const c_char,
+        size: usize,
+        transactional: bool,
+        flush: bool,
+    ) -> pg_sys::XLogRecPtr;
+}
+
+/// Writes a transactional logical message.
+///
+/// # Safety
+/// `message` must point to `size` readable bytes; inside a transaction;
+/// call through `pg_guard_ffi_boundary`.
+pub unsafe fn log_transactional_message(prefix: &CStr, message: *const c_char, size: usize) -> pg_sys::XLogRecPtr {
+    // SAFETY: the caller's contract; the declarations above match each
+    // major's header (flush is read only for non-transactional messages).
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        return c_log_logical_message(prefix.as_ptr(), message, size, true);
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        return c_log_logical_message(prefix.as_ptr(), message, size, true, false);
+    }
+}
+
+/// Acquires a replication slot for this process (nowait: another holder
+/// is an ERROR). On 18 an invalidated slot is refused here (walsender's
+/// choice); before 18 CreateDecodingContext refuses it.
+///
+/// # Safety
+/// Outside any other slot; may raise ERROR.
+pub unsafe fn slot_acquire(name: &CStr) {
+    // SAFETY: the caller's contract; name is a live C string.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::ReplicationSlotAcquire(name.as_ptr(), true);
+        #[cfg(feature = "pg18")]
+        pg_sys::ReplicationSlotAcquire(name.as_ptr(), true, true);
+    }
+}
+
+/// Whether a slot's persistent data says it was invalidated (by any cause:
+/// WAL removed, the catalog horizon, wal_level, 18's idle timeout).
+pub fn slot_is_invalidated(d: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    #[cfg(feature = "pg15")]
+    return d.restart_lsn == 0 && d.invalidated_at != 0;
+    #[cfg(not(feature = "pg15"))]
+    return d.invalidated != pg_sys::ReplicationSlotInvalidationCause::RS_INVAL_NONE;
+}
+
+/// The new tuple of an INSERT change, or null.
+///
+/// # Safety
+/// `change` is a live INSERT change of the reorder buffer.
+pub unsafe fn insert_new_tuple(change: *mut pg_sys::ReorderBufferChange) -> pg_sys::HeapTuple {
+    // SAFETY: an INSERT change uses the `tp` arm of the union; the caller
+    // vouches for the pointer.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        {
+            let buf = (*change).data.tp.newtuple;
+            if buf.is_null() {
+                return std::ptr::null_mut();
+            }
+            &mut (*buf).tuple
+        }
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        {
+            (*change).data.tp.newtuple
+        }
+    }
+}
+
+/// This process's number in the PGPROC array (for SetLatch from others).
+///
+/// # Safety
+/// In a process attached to shared memory.
+pub unsafe fn my_proc_number() -> i32 {
+    // SAFETY: set once at process start, read by this process only.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        return (*pg_sys::MyProc).pgprocno;
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        return pg_sys::MyProcNumber;
+    }
+}
+
+/// 17+: waits until every standby named in `synchronized_standby_slots`
+/// has flushed WAL up to `lsn`, as walsender does before it sends a failover
+/// slot's changes: an event never reaches Kafka before the standbys that
+/// could be promoted have it. No-op for a slot without failover, without
+/// that setting, and before 17 (no failover slots).
+///
+/// # Safety
+/// With our slot acquired; may raise ERROR (interrupts): call through
+/// `pg_guard_ffi_boundary`.
+pub unsafe fn wait_for_failover_standbys(lsn: pg_sys::XLogRecPtr) {
+    // SAFETY: the caller's contract (our slot is MyReplicationSlot).
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    unsafe {
+        pg_sys::WaitForStandbyConfirmation(lsn)
+    };
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    let _ = lsn;
+}
+
+/// 17+: whether the standbys named in `synchronized_standby_slots` have
+/// flushed up to `lsn` (true without failover standbys, and before 17).
+///
+/// # Safety
+/// With our slot acquired; call through `pg_guard_ffi_boundary`.
+pub unsafe fn failover_standbys_have(lsn: pg_sys::XLogRecPtr) -> bool {
+    // SAFETY: the caller's contract; a read of shared slot state under
+    // Postgres' own locks. DEBUG1: WaitForStandbyConfirmation warns.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    unsafe {
+        if pg_sys::MyReplicationSlot.is_null() || !(*pg_sys::MyReplicationSlot).data.failover {
+            return true;
+        }
+        pg_sys::StandbySlotsHaveCaughtup(lsn, pg_sys::DEBUG1 as i32)
+    }
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    {
+        let _ = lsn;
+        true
+    }
+}
+
+/// The arguments after (slot name, plugin) that pg_create_logical_replication_slot
+/// gets: on 17+ (temporary, two-phase, failover) = (false, false, true).
+#[cfg(any(feature = "pg15", feature = "pg16"))]
+pub const CREATE_SLOT_EXTRA_ARGS: &str = "";
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+pub const CREATE_SLOT_EXTRA_ARGS: &str = ", false, false, true";
+
+/// Installs Postgres' own SIGTERM handler (`die`) in this process.
+///
+/// # Safety
+/// In a background worker, before signals are unblocked.
+pub unsafe fn handle_sigterm_like_a_backend() {
+    // SAFETY: die is Postgres' own handler for exactly this signal.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::pqsignal(libc::SIGTERM, Some(c_die));
+        // 18's backend pqsignal is a macro for pqsignal_be.
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(libc::SIGTERM, Some(c_die));
+    }
 }
 
 // Raw C symbols for callback slots: `pg_sys::foo` are Rust wrappers, and a
 // C struct field needs the C function itself.
-#[cfg(feature = "pg15")]
 extern "C-unwind" {
     /// replication/decode.h
     pub fn LogicalDecodingProcessRecord(ctx: *mut pg_sys::LogicalDecodingContext, record: *mut pg_sys::XLogReaderState);

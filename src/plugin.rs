@@ -310,11 +310,10 @@ unsafe extern "C-unwind" fn change(
         if !is_outbox_table(state(ctx), relation) {
             return;
         }
-        let buf = (*change).data.tp.newtuple;
-        if buf.is_null() {
+        let tuple = crate::ffi::insert_new_tuple(change);
+        if tuple.is_null() {
             return;
         }
-        let tuple: pg_sys::HeapTuple = &mut (*buf).tuple;
         let at = lsn::format((*change).lsn);
         let r = match row::read(tuple, (*relation).rd_att) {
             Ok(r) => r,

@@ -32,6 +32,9 @@ pub enum State {
     /// events in its WAL were signed with the lost key. Nothing is decoded
     /// or confirmed until the file is restored or the slots are dropped.
     KeyMissing = 7,
+    /// 17+: a standby named in `synchronized_standby_slots` has not flushed
+    /// the WAL to decode next; nothing is published until it has.
+    WaitingForStandby = 8,
 }
 
 impl State {
@@ -45,6 +48,7 @@ impl State {
             State::Disabled => "disabled",
             State::SlotInvalidated => "slot invalidated",
             State::KeyMissing => "key missing",
+            State::WaitingForStandby => "waiting for standby",
         }
     }
 
@@ -57,6 +61,7 @@ impl State {
             5 => State::Disabled,
             6 => State::SlotInvalidated,
             7 => State::KeyMissing,
+            8 => State::WaitingForStandby,
             _ => State::NotRunning,
         }
     }
@@ -173,7 +178,7 @@ impl Shared {
     /// while streaming: a disabled relay is not woken for nothing.
     pub fn enable_wakeups(&self) {
         // SAFETY: MyProc is set for any process attached to shared memory.
-        self.worker_procno.store(unsafe { (*pg_sys::MyProc).pgprocno } + 1, Ordering::Release);
+        self.worker_procno.store(unsafe { crate::ffi::my_proc_number() } + 1, Ordering::Release);
     }
 
     pub fn detach_worker(&self) {

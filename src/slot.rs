@@ -46,7 +46,7 @@ pub fn find_c(cname: &CStr) -> Option<SlotInfo> {
             },
             confirmed_flush: d.confirmed_flush,
             restart_lsn: d.restart_lsn,
-            invalidated: d.restart_lsn == 0 && d.invalidated_at != 0,
+            invalidated: crate::ffi::slot_is_invalidated(d),
         })
     }
 }

@@ -134,7 +134,7 @@ pub extern "C-unwind" fn outbox_relay_main(_arg: pg_sys::Datum) {
     // SAFETY: installs Postgres' own SIGTERM handler (see ffi::c_die) and an
     // exit callback; both are plain function pointers valid for the process.
     unsafe {
-        pg_sys::pqsignal(libc::SIGTERM, Some(ffi::c_die));
+        ffi::handle_sigterm_like_a_backend();
         pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0));
     }
     let Some(shared) = shmem::shared() else {
@@ -317,13 +317,17 @@ fn ensure_slot(slot: &str) {
     let sql = format!(
         "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_replication_slots
                                   WHERE slot_name OPERATOR(pg_catalog.=) '{slot}'::pg_catalog.name) THEN false
-                     ELSE (SELECT true FROM pg_catalog.pg_create_logical_replication_slot('{slot}', 'outbox')) END"
+                     ELSE (SELECT true FROM pg_catalog.pg_create_logical_replication_slot('{slot}', 'outbox'{extra})) END",
+        extra = ffi::CREATE_SLOT_EXTRA_ARGS
     );
     let created = BackgroundWorker::transaction(|| {
         Spi::connect(|c| c.select(&sql, Some(1), &[])?.first().get_one::<bool>())
     });
     match created {
-        Ok(Some(true)) => log!("outbox relay: created logical replication slot \"{slot}\" (plugin outbox)"),
+        Ok(Some(true)) => log!(
+            "outbox relay: created logical replication slot \"{slot}\" (plugin outbox{})",
+            if ffi::CREATE_SLOT_EXTRA_ARGS.is_empty() { "" } else { ", failover" }
+        ),
         Ok(_) => {}
         Err(e) => error!("outbox relay: could not create slot \"{slot}\": {e}"),
     }
@@ -761,6 +765,19 @@ unsafe extern "C-unwind" fn read_page(
         if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
             pg_sys::XLogFlush(needed.min(slot::generated_wal_end()));
         }
+        // Every byte decoded comes through here: holding it until the
+        // failover standbys have it holds every event built from it.
+        let upto = needed.min(pg_sys::GetFlushRecPtr(std::ptr::null_mut()));
+        if !pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::failover_standbys_have(upto)) {
+            if let Some(shared) = shmem::shared() {
+                let detail = format!("synchronized_standby_slots: a standby has not flushed {} yet", lsn::format(upto));
+                set_state(shared, State::WaitingForStandby, Some(&detail));
+            }
+            pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::wait_for_failover_standbys(upto));
+            if let Some(shared) = shmem::shared() {
+                set_state(shared, State::Streaming, None);
+            }
+        }
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
         })
@@ -865,7 +882,7 @@ impl Relay {
         // error, and the postmaster restarts us). The reader routine is
         // copied by XLogReaderAllocate.
         let ctx = unsafe {
-            pg_sys::ReplicationSlotAcquire(cslot.as_ptr(), true);
+            ffi::slot_acquire(&cslot);
             let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
             let opt = pg_sys::makeDefElem(
                 pg_sys::pstrdup(c"format".as_ptr()),

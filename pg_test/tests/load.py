@@ -15,8 +15,10 @@ import psycopg
 
 
 class Load:
-    def __init__(self, db, topic, clients=3, aggs_per_client=4, rollback_every=7, pause=0.002):
-        self.db, self.topic = db, topic
+    def __init__(self, db, topic, clients=3, aggs_per_client=4, rollback_every=7, pause=0.002, witness=None):
+        """witness: a table (id uuid) each transaction also inserts its
+        event's id into, so a server can later say which events it has."""
+        self.db, self.topic, self.witness = db, topic, witness
         self.clients, self.aggs, self.rollback_every, self.pause = clients, aggs_per_client, rollback_every, pause
         self.committed: dict[str, tuple[str, int]] = {}
         self.uncertain: dict[str, tuple[str, int]] = {}
@@ -64,6 +66,8 @@ class Load:
                 agg = f"a{i}-{n % self.aggs}"
                 s = seq.get(agg, 0)
                 eid = str(self._emit(conn, agg, "Placed", {"seq": s, "agg": agg}))
+                if self.witness:
+                    conn.execute(f"INSERT INTO {self.witness} VALUES (%s)", (eid,))
                 n += 1
                 if n % self.rollback_every == 0:
                     conn.rollback()
