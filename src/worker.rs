@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  starting ──► streaming ◄──► waiting for broker        (acks stop for a while)
+//!     │             ├◄──► waiting for standby             (17+: synchronized_standby_slots behind)
 //!     │             │
 //!     │             ├──► dead letter (outbox.on_rejected_event = dead_letter): written, streaming goes on
 //!     │             └──► stopped on bad event ──SIGHUP──► exit(1) → restarted, resumes
