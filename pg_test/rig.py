@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -614,6 +615,26 @@ class DebeziumConnect:
                     "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()[0], timeout=30)
                 c.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                 c.execute(f'DROP PUBLICATION IF EXISTS "{self.slot}_publication"')
+
+
+@contextmanager
+def other_server(name: str, port_offset: int, settings: dict[str, str] | None = None, relay: bool = True):
+    """A server of its own beside the session's (files under .run/<name>,
+    port PG_PORT + port_offset, `settings` on top of the rig's), with the
+    extension created and, with `relay`, the relay streaming. Stopped
+    (immediate) afterwards."""
+    p = Postgres(run_dir=RUN / name, port=PG_PORT + port_offset)
+    p.init(settings)
+    p.start()
+    try:
+        p.create_database()
+        with p.connect() as c:
+            c.execute("CREATE EXTENSION outbox")
+        if relay:
+            wait_for_relay(p)
+        yield p
+    finally:
+        p.stop(mode="immediate", check=False)
 
 
 def relay_status(pg: "Postgres") -> dict:

@@ -27,17 +27,8 @@ def cluster(pg):
 
 @pytest.fixture(scope="module")
 def cpg(cluster):
-    pg = rig.Postgres(run_dir=rig.RUN / "on_cluster", port=rig.PG_PORT + 10)
-    pg.init({"outbox.kafka_bootstrap_servers": f"'{cluster.bootstrap}'"})
-    pg.start()
-    try:
-        pg.create_database()
-        with pg.connect() as c:
-            c.execute("CREATE EXTENSION outbox")
-        rig.wait_for_relay(pg)
+    with rig.other_server("on_cluster", 10, {"outbox.kafka_bootstrap_servers": f"'{cluster.bootstrap}'"}) as pg:
         yield pg
-    finally:
-        pg.stop(mode="immediate", check=False)
 
 
 def published(pg) -> int:

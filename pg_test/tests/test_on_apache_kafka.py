@@ -21,17 +21,8 @@ def kafka(pg, broker):
 
 @pytest.fixture(scope="module")
 def kpg(kafka):
-    pg = rig.Postgres(run_dir=rig.RUN / "on_kafka", port=rig.PG_PORT + 9)
-    pg.init({"outbox.kafka_bootstrap_servers": f"'{kafka.bootstrap}'"})
-    pg.start()
-    try:
-        pg.create_database()
-        with pg.connect() as c:
-            c.execute("CREATE EXTENSION outbox")
-        rig.wait_for_relay(pg)
+    with rig.other_server("on_kafka", 9, {"outbox.kafka_bootstrap_servers": f"'{kafka.bootstrap}'"}) as pg:
         yield pg
-    finally:
-        pg.stop(mode="immediate", check=False)
 
 
 def test_d8_topic_probes_never_create_a_topic(kpg, kafka):

@@ -78,17 +78,9 @@ def test_other_database_is_refused(db):
 
 @contextmanager
 def other_cluster(name, port_offset, settings):
-    """A second, short-lived cluster with the extension created."""
-    other = rig.Postgres(run_dir=rig.RUN / name, port=rig.PG_PORT + port_offset)
-    other.init(settings)
-    other.start()
-    try:
-        other.create_database()
-        with other.connect() as c:
-            c.execute("CREATE EXTENSION outbox")
-            yield c
-    finally:
-        other.stop(mode="immediate", check=False)
+    """A second, short-lived cluster with the extension created; a connection to it."""
+    with rig.other_server(name, port_offset, settings, relay=False) as other, other.connect() as c:
+        yield c
 
 
 def test_missing_or_foreign_slot_is_refused_with_the_fix():
