@@ -7,7 +7,7 @@
 //! expires: an expired message re-sent later would break per-key order).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
@@ -225,13 +225,13 @@ impl Publisher {
         if let Some(limit) = self.known_topics.get(topic) {
             return Ok(*limit);
         }
-        let md = self
-            .producer
-            .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(2))
-            .map_err(|e| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}")))?;
-        let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-        if !exists {
+        let unreachable = |e: String| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
+        // A client of its own for the probes, so they can run on the
+        // admin thread while the worker serves interrupts.
+        let prober: Arc<AdminClient<DefaultClientContext>> =
+            Arc::new(with_signals_blocked(|| self.config.create()).map_err(|e| unreachable(e.to_string()))?);
+        let seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
+        if seen == TopicSeen::Missing {
             if !creation.enabled {
                 return Err(TopicError::Missing(format!(
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
@@ -243,21 +243,8 @@ impl Publisher {
             // the creation.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
-                interrupts();
-                let ready = self
-                    .producer
-                    .client()
-                    .fetch_metadata(Some(topic), Duration::from_millis(500))
-                    .map(|md| {
-                        md.topics().iter().any(|t| {
-                            t.name() == topic
-                                && t.error().is_none()
-                                && !t.partitions().is_empty()
-                                && t.partitions().iter().all(|p| p.leader() >= 0)
-                        })
-                    })
-                    .unwrap_or(false);
-                if ready {
+                let probe = probe_topic(&prober, topic, Duration::from_millis(500), &mut interrupts);
+                if probe == Ok(TopicSeen::Exists { leaders: true }) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -398,6 +385,37 @@ impl Publisher {
         }
     }
 
+}
+
+/// What a metadata request says about one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopicSeen {
+    Missing,
+    /// With every partition led (false: a leader is still being elected).
+    Exists { leaders: bool },
+}
+
+/// Asks the broker about one topic (never creating it: the client has
+/// `allow.auto.create.topics=false`), on the admin thread.
+fn probe_topic(
+    client: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+    timeout: Duration,
+    interrupts: &mut impl FnMut(),
+) -> Result<TopicSeen, String> {
+    let (client, name) = (Arc::clone(client), topic.to_owned());
+    admin_call(
+        move || {
+            let md = client.inner().fetch_metadata(Some(&name), timeout).map_err(|e| e.to_string())?;
+            let found = md.topics().iter().find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+            Ok(match found {
+                None => TopicSeen::Missing,
+                Some(t) => TopicSeen::Exists { leaders: t.partitions().iter().all(|p| p.leader() >= 0) },
+            })
+        },
+        interrupts,
+    )
+    .unwrap_or_else(|| Err("no answer".into()))
 }
 
 /// Runs an admin request (it blocks for seconds) on a thread of its own

@@ -113,18 +113,46 @@ fn close_kafka_client() {
     if sink.is_null() {
         return;
     }
-    // SAFETY: the sink is the Box the running Relay owns. We are in
-    // proc_exit, which ends in exit(): the Relay's frames are never
-    // returned to and no Rust destructor runs after this, so moving the
-    // publisher out (and dropping it) is its last use; LIVE_SINK was
-    // cleared first so it cannot happen twice.
-    let publisher = unsafe { std::ptr::read(&(*sink).publisher) };
+    // SAFETY: LIVE_SINK points at the Box the running Relay owns while it
+    // is alive: Sink's Drop clears it before the Box is freed (an ERROR
+    // unwinds through the relay's frames before proc_exit runs this). A
+    // FATAL or a restart exits without unwinding, so the sink is alive
+    // here. LIVE_SINK was cleared first, so the publisher is taken once.
+    let publisher = unsafe { std::mem::ManuallyDrop::take(&mut (*sink).publisher) };
+    close_publisher(publisher);
+}
+
+fn close_publisher(publisher: Publisher) {
     match publisher.close(CLOSE_LIMIT) {
         Some(t) => log!("outbox relay: Kafka client closed in {} ms", t.as_millis()),
         None => warning!(
             "outbox relay: the Kafka client did not close within {} s; exiting with its threads still running",
             CLOSE_LIMIT.as_secs()
         ),
+    }
+}
+
+impl Drop for Sink {
+    /// Reached when an ERROR unwinds through the relay's frames (a Rust
+    /// panic on its way to the worker's top level), before proc_exit runs
+    /// the exit callback: the client is closed here, with the same bound,
+    /// and the callback then finds nothing left to close. 0.1.0 left the
+    /// callback a dangling pointer, and any ERROR after the relay started
+    /// crashed the whole server.
+    fn drop(&mut self) {
+        let me: *mut Sink = self;
+        let live = LIVE_SINK.with(|s| {
+            if s.get() == me {
+                s.replace(std::ptr::null_mut())
+            } else {
+                std::ptr::null_mut()
+            }
+        });
+        if !live.is_null() {
+            // SAFETY: LIVE_SINK still pointed at this sink, so the exit
+            // callback has not taken the publisher; this is its last use.
+            close_publisher(unsafe { std::mem::ManuallyDrop::take(&mut self.publisher) });
+        }
     }
 }
 
@@ -337,7 +365,9 @@ fn ensure_slot(slot: &str) {
 /// Everything the decoding callbacks need; reached through the context's
 /// `output_writer_private`.
 struct Sink {
-    publisher: Publisher,
+    /// Closed (with a bound) exactly once, by Sink's Drop or the exit
+    /// callback, whichever runs: see close_kafka_client.
+    publisher: std::mem::ManuallyDrop<Publisher>,
     tracker: Tracker,
     shared: &'static Shared,
     /// The first event Kafka rejected; nothing after it is produced.
@@ -857,7 +887,7 @@ impl Relay {
             );
         }
         let sink = Box::new(Sink {
-            publisher: build_publisher(one_per_request),
+            publisher: std::mem::ManuallyDrop::new(build_publisher(one_per_request)),
             one_per_request,
             tracker: Tracker::new(),
             shared,
