@@ -115,25 +115,6 @@ pub unsafe fn my_proc_number() -> i32 {
     }
 }
 
-/// 17+: waits until every standby named in `synchronized_standby_slots`
-/// has flushed WAL up to `lsn`, as walsender does before it sends a failover
-/// slot's changes: an event never reaches Kafka before the standbys that
-/// could be promoted have it. No-op for a slot without failover, without
-/// that setting, and before 17 (no failover slots).
-///
-/// # Safety
-/// With our slot acquired; may raise ERROR (interrupts): call through
-/// `pg_guard_ffi_boundary`.
-pub unsafe fn wait_for_failover_standbys(lsn: pg_sys::XLogRecPtr) {
-    // SAFETY: the caller's contract (our slot is MyReplicationSlot).
-    #[cfg(any(feature = "pg17", feature = "pg18"))]
-    unsafe {
-        pg_sys::WaitForStandbyConfirmation(lsn)
-    };
-    #[cfg(any(feature = "pg15", feature = "pg16"))]
-    let _ = lsn;
-}
-
 /// 17+: whether the standbys named in `synchronized_standby_slots` have
 /// flushed up to `lsn` (true without failover standbys, and before 17).
 ///

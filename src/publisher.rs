@@ -140,9 +140,15 @@ pub struct TopicCreation {
     pub replication_factor: i32,
 }
 
+type Admin = AdminClient<DefaultClientContext>;
+
 pub struct Publisher {
     producer: BaseProducer<Ctx>,
     config: ClientConfig,
+    /// One admin client for topic probes, creation and configs, made at
+    /// first use, shared with the admin thread of a request in flight, and
+    /// closed with the producer (see `close`).
+    admin: Option<Arc<Admin>>,
     /// Topics known to exist, with their `max.message.bytes` when it could
     /// be read and no compression is configured (see `ensure_topic`).
     known_topics: HashMap<String, Option<usize>>,
@@ -204,7 +210,7 @@ impl Publisher {
         let compressed = user
             .iter()
             .any(|(k, v)| outbox_core::kafka_props::canonical(k) == "compression.codec" && !v.eq_ignore_ascii_case("none"));
-        Ok((Publisher { producer, config, known_topics: HashMap::new(), compressed }, ignored))
+        Ok((Publisher { producer, config, admin: None, known_topics: HashMap::new(), compressed }, ignored))
     }
 
     /// Makes sure `topic` exists, creating it when creation is on, and
@@ -228,8 +234,7 @@ impl Publisher {
         let unreachable = |e: String| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
         // A client of its own for the probes, so they can run on the
         // admin thread while the worker serves interrupts.
-        let prober: Arc<AdminClient<DefaultClientContext>> =
-            Arc::new(with_signals_blocked(|| self.config.create()).map_err(|e| unreachable(e.to_string()))?);
+        let prober = self.admin().map_err(|e| unreachable(e.to_string()))?;
         let seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
         if seen == TopicSeen::Missing {
             if !creation.enabled {
@@ -237,12 +242,13 @@ impl Publisher {
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
                 )));
             }
-            self.create_topic(topic, creation, &mut interrupts)?;
+            Self::create_topic(&prober, topic, creation, &mut interrupts)?;
             // Produce only once the broker serves the new topic's metadata
             // with leaders: a young broker may fail a produce that races
             // the creation.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline {
+                interrupts();
                 let probe = probe_topic(&prober, topic, Duration::from_millis(500), &mut interrupts);
                 if probe == Ok(TopicSeen::Exists { leaders: true }) {
                     break;
@@ -250,7 +256,7 @@ impl Publisher {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        let limit = if self.compressed { None } else { self.max_message_bytes(topic, &mut interrupts) };
+        let limit = if self.compressed { None } else { Self::max_message_bytes(&prober, topic, &mut interrupts) };
         if self.known_topics.len() >= KNOWN_TOPICS_MAX {
             self.known_topics.clear();
         }
@@ -261,9 +267,8 @@ impl Publisher {
     /// The topic's `max.message.bytes` (its own or the broker's default), or
     /// None when the broker does not say (no DescribeConfigs right, say):
     /// then only the broker's answer tells.
-    fn max_message_bytes(&self, topic: &str, interrupts: &mut impl FnMut()) -> Option<usize> {
-        let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create()).ok()?;
-        let name = topic.to_owned();
+    fn max_message_bytes(admin: &Arc<Admin>, topic: &str, interrupts: &mut impl FnMut()) -> Option<usize> {
+        let (admin, name) = (Arc::clone(admin), topic.to_owned());
         admin_call(
             move || {
                 let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
@@ -284,9 +289,13 @@ impl Publisher {
     /// stops the worker at once). A failure the broker may not repeat (a
     /// timeout, no controller yet) is `Unreachable`: retried, never a
     /// reason to dead-letter the event.
-    fn create_topic(&self, topic: &str, creation: &TopicCreation, interrupts: &mut impl FnMut()) -> Result<(), TopicError> {
-        let admin: AdminClient<DefaultClientContext> = with_signals_blocked(|| self.config.create())
-            .map_err(|e| TopicError::Unreachable(format!("could not create a Kafka admin client: {e}")))?;
+    fn create_topic(
+        admin: &Arc<Admin>,
+        topic: &str,
+        creation: &TopicCreation,
+        interrupts: &mut impl FnMut(),
+    ) -> Result<(), TopicError> {
+        let admin = Arc::clone(admin);
         let (name, partitions, rf) = (topic.to_owned(), creation.partitions, creation.replication_factor);
         let res = admin_call(
             move || {
@@ -398,7 +407,7 @@ enum TopicSeen {
 /// Asks the broker about one topic (never creating it: the client has
 /// `allow.auto.create.topics=false`), on the admin thread.
 fn probe_topic(
-    client: &Arc<AdminClient<DefaultClientContext>>,
+    client: &Arc<Admin>,
     topic: &str,
     timeout: Duration,
     interrupts: &mut impl FnMut(),
@@ -450,8 +459,18 @@ fn queue_kbytes(max_event_bytes: usize) -> usize {
 const KNOWN_TOPICS_MAX: usize = 10_000;
 
 impl Publisher {
-    /// Destroys the client, waiting at most `limit` for librdkafka's threads
-    /// to end: the worker must not exit with them running (exit-time
+    /// The shared admin client, made at first use.
+    fn admin(&mut self) -> Result<Arc<Admin>, KafkaError> {
+        if let Some(a) = &self.admin {
+            return Ok(Arc::clone(a));
+        }
+        let a = Arc::new(with_signals_blocked(|| self.config.create())?);
+        self.admin = Some(Arc::clone(&a));
+        Ok(a)
+    }
+
+    /// Destroys the clients, waiting at most `limit` for librdkafka's
+    /// threads to end: the worker must not exit with them running (exit-time
     /// cleanup of OpenSSL and the like would race them). Returns how long
     /// it took, or None if it did not finish in time.
     pub fn close(self, limit: Duration) -> Option<Duration> {
@@ -461,6 +480,14 @@ impl Publisher {
         // stay with the worker's thread.
         let spawned = with_signals_blocked(|| {
             std::thread::Builder::new().name("outbox-close".into()).spawn(move || {
+                // An admin request the worker stopped waiting for (SIGTERM
+                // during it) still holds the admin client: let it end, so
+                // that client is destroyed here too, within the bound.
+                if let Some(admin) = &self.admin {
+                    while Arc::strong_count(admin) > 1 && start.elapsed() < limit {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
                 drop(self);
                 let _ = tx.send(());
             })

@@ -313,18 +313,63 @@ fn idle(ms: i64) {
     reload_config();
 }
 
-/// Re-reads the configuration if SIGHUP asked for it; says whether it did.
+thread_local! {
+    /// A reload done where the relay could not act on it (inside the wait
+    /// for failover standbys, in the page reader): acted on at the next
+    /// reload_config().
+    static RELOADED_UNSEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Re-reads the configuration if SIGHUP asked for it; says whether it did
+/// (or did while the relay could not act on it).
 fn reload_config() -> bool {
+    let unseen = RELOADED_UNSEEN.with(|r| r.replace(false));
     // SAFETY: ConfigReloadPending is a sig_atomic_t set by the SIGHUP
     // handler; clearing it and reloading is what every Postgres main loop does.
     unsafe {
         if pg_sys::ConfigReloadPending == 0 {
-            return false;
+            return unseen;
         }
         pg_sys::ConfigReloadPending = 0;
         pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
     }
     true
+}
+
+/// 17+: holds the bytes the page reader returned until every standby in
+/// `synchronized_standby_slots` has flushed them, as walsender holds a
+/// failover slot's changes. A loop of our own rather than
+/// WaitForStandbyConfirmation, which would consume SIGHUPs the relay must
+/// act on (relay_enabled, producer settings): a reload here is done at once
+/// (the standby list may be what changed) and remembered for the relay.
+/// The state shows the wait once it lasts.
+fn hold_for_failover_standbys(upto: u64) {
+    // SAFETY: our slot is acquired (we are inside its decoding); the check
+    // reads shared slot state under Postgres' own locks and may raise,
+    // hence the guard.
+    let caught_up = || unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::failover_standbys_have(upto)) };
+    if caught_up() {
+        return;
+    }
+    let started = Instant::now();
+    let mut shown: Option<State> = None;
+    while !caught_up() {
+        if shown.is_none() && started.elapsed() >= Duration::from_secs(1) {
+            if let Some(shared) = shmem::shared() {
+                shown = Some(shared.state());
+                let detail = format!("synchronized_standby_slots: a standby has not flushed {} yet", lsn::format(upto));
+                set_state(shared, State::WaitingForStandby, Some(&detail));
+            }
+        }
+        shmem::wait_latch(50);
+        pg_sys::check_for_interrupts!();
+        if reload_config() {
+            RELOADED_UNSEEN.with(|r| r.set(true));
+        }
+    }
+    if let (Some(prev), Some(shared)) = (shown, shmem::shared()) {
+        set_state(shared, prev, None);
+    }
 }
 
 fn set_state(shared: &Shared, s: State, detail: Option<&str>) {
@@ -796,22 +841,16 @@ unsafe extern "C-unwind" fn read_page(
         if needed > pg_sys::GetFlushRecPtr(std::ptr::null_mut()) {
             pg_sys::XLogFlush(needed.min(slot::generated_wal_end()));
         }
-        // Every byte decoded comes through here: holding it until the
-        // failover standbys have it holds every event built from it.
-        let upto = needed.min(pg_sys::GetFlushRecPtr(std::ptr::null_mut()));
-        if !pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::failover_standbys_have(upto)) {
-            if let Some(shared) = shmem::shared() {
-                let detail = format!("synchronized_standby_slots: a standby has not flushed {} yet", lsn::format(upto));
-                set_state(shared, State::WaitingForStandby, Some(&detail));
-            }
-            pg_sys::ffi::pg_guard_ffi_boundary(|| ffi::wait_for_failover_standbys(upto));
-            if let Some(shared) = shmem::shared() {
-                set_state(shared, State::Streaming, None);
-            }
-        }
-        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+        let n = pg_sys::ffi::pg_guard_ffi_boundary(|| {
             ffi::c_read_local_xlog_page(state, target_page_ptr, req_len, target_rec_ptr, cur_page)
-        })
+        });
+        // Every byte decoded comes through here, and none is decoded before
+        // we return: holding what was read until the failover standbys have
+        // it holds every event built from it.
+        if n > 0 {
+            hold_for_failover_standbys(target_page_ptr + n as u64);
+        }
+        n
     }
 }
 
@@ -886,7 +925,7 @@ impl Relay {
                 lsn::format(shared.isolating_until())
             );
         }
-        let sink = Box::new(Sink {
+        let mut sink = Box::new(Sink {
             publisher: std::mem::ManuallyDrop::new(build_publisher(one_per_request)),
             one_per_request,
             tracker: Tracker::new(),
@@ -906,6 +945,10 @@ impl Relay {
             last_route: None,
             reports: Vec::new(),
         });
+        // Registered at once: an ERROR from here on (acquiring the slot,
+        // creating the decoding context) unwinds through Sink's Drop, which
+        // closes the client only if it finds itself registered.
+        LIVE_SINK.with(|s| s.set(&mut *sink as *mut Sink));
         let cslot = CString::new(slot).unwrap_or_default();
         // SAFETY: the decoding context is created once, outside a
         // transaction, in TopMemoryContext so it lives as long as the
@@ -957,7 +1000,6 @@ impl Relay {
         relay.sink.dead_known = relay.dead_letters_since(confirmed);
         // SAFETY: the Box's heap address is stable while the relay lives.
         unsafe { (*ctx).output_writer_private = (&mut *relay.sink as *mut Sink).cast() };
-        LIVE_SINK.with(|s| s.set(&mut *relay.sink as *mut Sink));
         log!(
             "outbox relay: streaming slot \"{slot}\" from {} to {}",
             lsn::format(confirmed),

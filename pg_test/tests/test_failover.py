@@ -82,7 +82,8 @@ def primary_and_standby():
 def test_nothing_reaches_kafka_before_the_failover_standby_has_it(broker):
     """synchronized_standby_slots: with the standby stopped, a committed
     event waits (walsender would hold it the same way); once the standby is
-    back and has flushed it, it is published."""
+    back and has flushed it, it is published. Then again with the standby
+    taken off the list by a reload during the wait."""
     topic = rig.unique_topic("syncstandby")
     broker.create_topic(topic, partitions=1)
     with primary_and_standby() as (primary, standby):
@@ -97,6 +98,17 @@ def test_nothing_reaches_kafka_before_the_failover_standby_has_it(broker):
         standby.start()
         got = broker.consume(topic, expect=1, timeout=60)
         assert [m["headers"]["id"] for m in got] == [first]
+        # The operator's other way out: take the standby off the list. The
+        # reload reaches the relay while it waits.
+        standby.stop()
+        with primary.connect() as c:
+            second = str(emit(c, topic, "k", {"n": 2}))
+        rig.wait_for_relay(primary, state="waiting for standby", timeout=30)
+        with primary.connect() as c:
+            c.execute("ALTER SYSTEM SET synchronized_standby_slots = ''")
+        primary.reload()
+        got = broker.consume(topic, expect=2, timeout=60)
+        assert [m["headers"]["id"] for m in got] == [first, second]
         print(f"\n[synchronized_standby_slots] held while the standby was down (relay state '{status['state']}'), "
               "published once it was back")
 
