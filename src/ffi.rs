@@ -122,7 +122,9 @@ pub unsafe fn my_proc_number() -> i32 {
 /// With our slot acquired; call through `pg_guard_ffi_boundary`.
 pub unsafe fn failover_standbys_have(lsn: pg_sys::XLogRecPtr) -> bool {
     // SAFETY: the caller's contract; a read of shared slot state under
-    // Postgres' own locks. DEBUG1: WaitForStandbyConfirmation warns.
+    // Postgres' own locks. DEBUG1: the relay polls this while it waits and
+    // says so itself (state `waiting for standby`, one log line); Postgres'
+    // reasons (a listed slot missing, logical or invalidated) are at DEBUG1.
     #[cfg(any(feature = "pg17", feature = "pg18"))]
     unsafe {
         if pg_sys::MyReplicationSlot.is_null() || !(*pg_sys::MyReplicationSlot).data.failover {
