@@ -13,6 +13,9 @@
 //! - `plugin`: the logical decoding output plugin
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(any(feature = "pg13", feature = "pg14"))]
+compile_error!("outbox supports PostgreSQL 15, 16, 17 and 18 (see src/ffi.rs)");
+
 use pgrx::prelude::*;
 
 mod dead_letter;
