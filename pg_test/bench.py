@@ -89,12 +89,16 @@ def relay_off(pg):
     rig.wait_for_relay(pg, state="disabled")
 
 
-def relay_on(pg):
+def start_ours(pg):
     """On, on a new slot: the backlog written while it was off (ceiling,
     Debezium and polling runs) is not ours to measure."""
     with pg.connect() as c:
         c.execute("SELECT pg_drop_replication_slot('outbox')")
     set_conf(pg, **{"outbox.relay_enabled": "on"})
+
+
+def relay_on(pg):
+    start_ours(pg)
     rig.wait_for_relay(pg)
 
 
@@ -361,12 +365,6 @@ def time_to_first_event(pg, broker, name, launch, slot):
     first = reader.first_at - t0
     reader.close()
     return {"start_s": first}
-
-
-def start_ours(pg):
-    with pg.connect() as c:
-        c.execute("SELECT pg_drop_replication_slot('outbox')")
-    set_conf(pg, **{"outbox.relay_enabled": "on"})
 
 
 def broker_baseline(broker, rate=None, duration=DURATION, batch=1):

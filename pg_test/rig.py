@@ -160,6 +160,24 @@ class Postgres:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
 
+    def init_standby_of(self, primary: "Postgres", slot: str | None = None,
+                        settings: dict[str, str] | None = None) -> None:
+        """A fresh streaming standby of `primary` (pg_basebackup -R), on the
+        physical `slot` if given, with extra settings; not started. The
+        connection string carries a dbname: pg_basebackup -R writes it into
+        primary_conninfo (17+), which slot synchronisation needs."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.sock.mkdir(parents=True)
+        run(["chown", "-R", "postgres:postgres", str(self.dir)])
+        as_postgres([str(PG_BIN / "pg_basebackup"), "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+                     *(["-S", slot] if slot else []),
+                     "-d", f"host=127.0.0.1 port={primary.port} user=postgres dbname={DATABASE}"],
+                    stdout=subprocess.DEVNULL)
+        conf = {"port": str(self.port), "unix_socket_directories": f"'{self.sock}'", **(settings or {})}
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("".join(f"{k} = {v}\n" for k, v in conf.items()))
+
     def start(self) -> None:
         r = self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.logfile), check=False)
         if r.returncode != 0:

@@ -232,8 +232,8 @@ impl Publisher {
             return Ok(*limit);
         }
         let unreachable = |e: String| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
-        // A client of its own for the probes, so they can run on the
-        // admin thread while the worker serves interrupts.
+        // Probes go through the admin client, not the producer, so they
+        // can run on the admin thread while the worker serves interrupts.
         let prober = self.admin().map_err(|e| unreachable(e.to_string()))?;
         let seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
         if seen == TopicSeen::Missing {

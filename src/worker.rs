@@ -353,18 +353,21 @@ fn hold_for_failover_standbys(upto: u64) {
     }
     let started = Instant::now();
     let mut shown: Option<State> = None;
-    while !caught_up() {
+    loop {
+        shmem::wait_latch(50);
+        pg_sys::check_for_interrupts!();
+        if reload_config() {
+            RELOADED_UNSEEN.with(|r| r.set(true));
+        }
+        if caught_up() {
+            break;
+        }
         if shown.is_none() && started.elapsed() >= Duration::from_secs(1) {
             if let Some(shared) = shmem::shared() {
                 shown = Some(shared.state());
                 let detail = format!("synchronized_standby_slots: a standby has not flushed {} yet", lsn::format(upto));
                 set_state(shared, State::WaitingForStandby, Some(&detail));
             }
-        }
-        shmem::wait_latch(50);
-        pg_sys::check_for_interrupts!();
-        if reload_config() {
-            RELOADED_UNSEEN.with(|r| r.set(true));
         }
     }
     if let (Some(prev), Some(shared)) = (shown, shmem::shared()) {

@@ -15,9 +15,7 @@ slot's last confirmed position is never published. The test pins that loss
 window (the README's failover section states it)."""
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from contextlib import contextmanager
 
@@ -49,19 +47,8 @@ def primary_and_standby():
         if FAILOVER_SLOTS:
             with primary.connect() as c:
                 assert c.execute("SELECT failover FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone()[0]
-        if standby.dir.exists():
-            shutil.rmtree(standby.dir)
-        standby.sock.mkdir(parents=True)
-        rig.run(["chown", "-R", "postgres:postgres", str(standby.dir)])
-        # -d with a dbname: pg_basebackup -R writes it into primary_conninfo
-        # (17+), which slot synchronisation needs.
-        rig.as_postgres([str(rig.PG_BIN / "pg_basebackup"), "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast",
-                         "-S", "fo_standby", "-d", f"host=127.0.0.1 port={primary.port} user=postgres dbname={rig.DATABASE}"],
-                        stdout=subprocess.DEVNULL)
-        with open(standby.data / "postgresql.conf", "a") as f:
-            f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.sock}'\nhot_standby_feedback = on\n")
-            if FAILOVER_SLOTS:
-                f.write("sync_replication_slots = on\n")
+        standby.init_standby_of(primary, slot="fo_standby", settings={
+            "hot_standby_feedback": "on", **({"sync_replication_slots": "on"} if FAILOVER_SLOTS else {})})
         standby.start()
         if FAILOVER_SLOTS:
             with standby.connect() as s:

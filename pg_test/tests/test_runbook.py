@@ -7,7 +7,6 @@ keeps the slot (the switchover here uses no failover slot: test_failover.py
 covers that)."""
 
 import json
-import shutil
 import subprocess
 
 import rig
@@ -43,14 +42,7 @@ def test_planned_switchover_to_a_standby_loses_nothing(broker):
             for n in range(3):
                 emit(c, topic, "k", {"n": n})
         # A streaming standby, as any HA setup has.
-        if standby.dir.exists():
-            shutil.rmtree(standby.dir)
-        standby.sock.mkdir(parents=True)
-        rig.run(["chown", "-R", "postgres:postgres", str(standby.dir)])
-        rig.as_postgres([str(rig.PG_BIN / "pg_basebackup"), "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast",
-                         "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres"], stdout=subprocess.DEVNULL)
-        with open(standby.data / "postgresql.conf", "a") as f:
-            f.write(f"port = {standby.port}\nunix_socket_directories = '{standby.sock}'\n")
+        standby.init_standby_of(primary)
         standby.start()
         with standby.connect() as s:
             assert s.execute("SELECT pg_is_in_recovery()").fetchone()[0]
