@@ -1,0 +1,228 @@
+//! Delivery bookkeeping: every event handed to the sink until it is settled
+//! (acknowledged, or dead-lettered), and what that allows: which slot
+//! position may be confirmed, which rows of the outbox table may be
+//! deleted, whether the sink has gone silent, whether a restart has drained.
+//!
+//! The relay owns one `Ledger` per stream. It is told what happens (sent,
+//! acknowledged, failed, dead-lettered) and asks, once per turn of its loop,
+//! [`Ledger::settle`] what to do. Time comes in as an argument (`now`), so
+//! every decision here is tested with a fake clock.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::confirm::{Tracker, TxnSeq};
+
+/// No acknowledgement for this long with events in flight: the sink is
+/// reported unreachable (never acted on: the sink keeps retrying).
+pub const SINK_SILENCE: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+pub struct Ledger {
+    tracker: Tracker,
+    /// Commit times of transactions in flight, oldest first: (commit LSN, time).
+    commit_times: VecDeque<(u64, i64)>,
+    /// Outbox-table rows sent, to delete once settled: (commit LSN, id).
+    table_rows: VecDeque<(u64, [u8; 16])>,
+    /// Events whose delivery failed: no longer in flight at the sink, never
+    /// settled (so the slot is never confirmed past them).
+    failed: u64,
+    /// The last acknowledgement, or when the first event went in flight.
+    last_ack: Instant,
+    /// Acknowledged since the last settle: (events, bytes).
+    published: (u64, u64),
+}
+
+/// What one settle step found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Settlement {
+    /// The position that may be confirmed now.
+    pub confirmable: u64,
+    /// Outbox-table rows whose events are settled up to `confirmable`.
+    pub delete_rows: Vec<[u8; 16]>,
+    pub in_flight: u64,
+    /// Commit time of the oldest transaction not yet settled (0: none).
+    pub oldest_commit_time: i64,
+    /// Events in flight and no acknowledgement for [`SINK_SILENCE`].
+    pub sink_silent: bool,
+    /// Everything still in flight has failed: a restart loses nothing by
+    /// not waiting longer.
+    pub drained: bool,
+    /// Acknowledged since the previous settle: (events, bytes).
+    pub published: (u64, u64),
+}
+
+impl Ledger {
+    pub fn new(now: Instant) -> Self {
+        Ledger {
+            tracker: Tracker::new(),
+            commit_times: VecDeque::new(),
+            table_rows: VecDeque::new(),
+            failed: 0,
+            last_ack: now,
+            published: (0, 0),
+        }
+    }
+
+    /// Registers an event before anything can fail it: an event that is
+    /// never settled holds the confirmed position before its transaction,
+    /// whatever stops it. `table_row` is its row id when it came from the
+    /// outbox table. Returns the handle its acknowledgement carries.
+    pub fn sent(&mut self, commit_lsn: u64, commit_time: i64, table_row: Option<[u8; 16]>, now: Instant) -> TxnSeq {
+        if self.tracker.in_flight() == 0 {
+            // Silence is measured from the first event in flight.
+            self.last_ack = now;
+        }
+        let seq = self.tracker.sent_at(commit_lsn, commit_time);
+        if self.commit_times.back().map(|(l, _)| *l) != Some(commit_lsn) {
+            self.commit_times.push_back((commit_lsn, commit_time));
+        }
+        if let Some(id) = table_row {
+            self.table_rows.push_back((commit_lsn, id));
+        }
+        seq
+    }
+
+    /// Every event decoded so far has been handed over.
+    pub fn seal(&mut self) {
+        self.tracker.seal();
+    }
+
+    /// The sink acknowledged `seq` (`bytes` of key and value); returns its
+    /// commit time, for latency, if it was in flight.
+    pub fn acked(&mut self, seq: TxnSeq, bytes: u64, now: Instant) -> Option<i64> {
+        let t = self.tracker.acked(seq);
+        if t.is_some() {
+            self.published.0 += 1;
+            self.published.1 += bytes;
+        }
+        self.last_ack = now;
+        t
+    }
+
+    /// Settled without the sink: dead-lettered, or already in the
+    /// dead-letter table from before a restart. `was_failed`: its delivery
+    /// had failed (it was counted by [`Ledger::failed`]).
+    pub fn settled_elsewhere(&mut self, seq: TxnSeq, was_failed: bool) {
+        self.tracker.acked(seq);
+        if was_failed {
+            self.failed = self.failed.saturating_sub(1);
+        }
+    }
+
+    /// The sink reported `seq` failed; returns its (commit LSN, commit time).
+    pub fn failed(&mut self, seq: TxnSeq) -> (u64, i64) {
+        self.failed += 1;
+        self.tracker.commit_of(seq).unwrap_or((0, 0))
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.tracker.in_flight()
+    }
+
+    /// Silent now? (Also asked while the relay waits inside decoding.)
+    pub fn sink_silent(&self, now: Instant) -> bool {
+        self.tracker.in_flight() > 0 && now.saturating_duration_since(self.last_ack) >= SINK_SILENCE
+    }
+
+    /// One settle step, given that everything before `read_upto` has been
+    /// decoded and handed over.
+    pub fn settle(&mut self, read_upto: u64, now: Instant) -> Settlement {
+        let confirmable = self.tracker.confirmable(read_upto);
+        let mut delete_rows = Vec::new();
+        while self.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
+            if let Some((_, id)) = self.table_rows.pop_front() {
+                delete_rows.push(id);
+            }
+        }
+        while self.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
+            self.commit_times.pop_front();
+        }
+        let in_flight = self.tracker.in_flight();
+        Settlement {
+            confirmable,
+            delete_rows,
+            in_flight,
+            oldest_commit_time: self.commit_times.front().map_or(0, |(_, t)| *t),
+            sink_silent: self.sink_silent(now),
+            drained: in_flight <= self.failed,
+            published: std::mem::take(&mut self.published),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn rows_are_deleted_only_once_their_transaction_is_confirmable() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        let a = l.sent(100, 1, Some([1; 16]), t0);
+        let b = l.sent(200, 2, Some([2; 16]), t0);
+        l.seal();
+        l.acked(b, 10, t0);
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.delete_rows.len(), s.oldest_commit_time), (0, 0, 1));
+        assert_eq!(s.published, (1, 10), "b counted once acknowledged");
+        l.acked(a, 10, t0);
+        let s = l.settle(300, t0);
+        assert_eq!(s.confirmable, 300);
+        assert_eq!(s.delete_rows, vec![[1; 16], [2; 16]]);
+        assert_eq!(s.published, (1, 10));
+        assert_eq!(l.settle(300, t0).published, (0, 0), "counted once");
+    }
+
+    #[test]
+    fn silence_is_measured_from_the_first_event_in_flight_and_reset_by_an_ack() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        assert!(!l.settle(0, at(t0, 10_000)).sink_silent, "nothing in flight is never silence");
+        let a = l.sent(100, 0, None, at(t0, 10_000));
+        assert!(!l.settle(0, at(t0, 12_999)).sink_silent);
+        assert!(l.settle(0, at(t0, 13_000)).sink_silent);
+        let b = l.sent(200, 0, None, at(t0, 13_000));
+        l.acked(a, 0, at(t0, 14_000));
+        assert!(!l.settle(0, at(t0, 16_999)).sink_silent);
+        assert!(l.settle(0, at(t0, 17_000)).sink_silent, "b still unacknowledged 3 s after the last ack");
+        l.acked(b, 0, at(t0, 17_001));
+        assert!(!l.settle(300, at(t0, 60_000)).sink_silent);
+    }
+
+    #[test]
+    fn a_failed_event_holds_the_position_and_counts_toward_draining() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        let a = l.sent(100, 5, None, t0);
+        let b = l.sent(200, 6, None, t0);
+        l.seal();
+        assert_eq!(l.failed(a), (100, 5));
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.drained), (0, false), "b is still in flight");
+        l.acked(b, 1, t0);
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.drained), (0, true), "never confirmed past the failed event");
+        // Dead-lettered: settled, and no longer counted as failed.
+        l.settled_elsewhere(a, true);
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.in_flight), (300, 0));
+    }
+
+    #[test]
+    fn an_event_known_dead_before_a_restart_is_settled_without_the_sink() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        let a = l.sent(100, 0, Some([7; 16]), t0);
+        l.settled_elsewhere(a, false);
+        l.seal();
+        let s = l.settle(150, t0);
+        assert_eq!(s.confirmable, 150);
+        assert_eq!(s.delete_rows, vec![[7; 16]]);
+        assert_eq!(s.published, (0, 0), "not counted as published");
+    }
+}
