@@ -270,6 +270,47 @@ def ours(pg, broker, name, script_for, per_txn=1, rate=None, clients=CLIENTS, pr
     return out
 
 
+def use_sink(pg, sink, rabbit=None):
+    """Switches the relay's sink (it restarts from its confirmed position)."""
+    old = rig.relay_pid(pg)
+    kv = {"outbox.sink": sink}
+    if rabbit:
+        kv["outbox.amqp_url"] = rabbit.url()
+    set_conf(pg, **kv)
+    rig.wait_for("the relay on its new sink",
+                 lambda: (p := rig.relay_pid(pg)) and p != old and rig.relay_status(pg)["state"] == "streaming", timeout=60)
+
+
+def rabbitmq(pg, rabbit, name, rate=None):
+    """The relay publishing outbox_emit() events (1 per transaction) to
+    RabbitMQ, into a durable queue bound to the events' routing key;
+    commit→confirm latency from the relay's own histogram."""
+    rk = f"bench.{name}.{uuid.uuid4().hex[:6]}"
+    q = rabbit.bind_queue("outbox", rk)
+    with pg.connect() as c:
+        c.execute("SELECT outbox_relay_latency_reset()")
+    pid = rig.relay_pid(pg)
+    cpu0 = cpu_seconds(pid)
+    t0 = time.monotonic()
+    tps, _, n = pgbench(pg, emit_script(rk, 1), rate=rate, clients=2 if rate else CLIENTS)
+    rig.drain(pg, timeout_ms=600_000)
+    t_all = time.monotonic() - t0
+    cpu = cpu_seconds(pid) - cpu0
+    conn, ch = rabbit.channel()
+    try:
+        events = ch.queue_declare(q, passive=True).method.message_count
+        ch.queue_delete(q)
+    finally:
+        conn.close()
+    with pg.connect() as c:
+        _, p50, p95, p99, _ = c.execute("SELECT * FROM outbox_relay_latency()").fetchone()
+    rig.log(f"{name}: {events} of {n} events in RabbitMQ in {t_all:.1f} s")
+    return {"commit_eps": tps, "events": events, "committed": n, "eps": events / t_all,
+            "ack_p50_ms": p50 / 1000 if p50 else None, "ack_p95_ms": p95 / 1000 if p95 else None,
+            "ack_p99_ms": p99 / 1000 if p99 else None, "cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / events if events else None,
+            "rss_mb": rig.relay_status(pg)["peak_rss_kb"] / 1024}
+
+
 def debezium(pg, broker, dbz, name, rate=None):
     """Debezium publishing the table load (the relay off)."""
     agg, topic = aggregate(broker, name)
@@ -483,9 +524,15 @@ def spread(values, f="{:.2f}"):
     return f"{f.format(statistics.median(v))} ({f.format(min(v))}-{f.format(max(v))})"
 
 
-def run_round(pg, broker, r, last):
+def run_round(pg, broker, rabbit, r, last):
     """One round: every scenario once, ours beside its baseline."""
     res = {}
+    # The sinks side by side: Kafka, then RabbitMQ, same load.
+    res["relay-1k"] = ours(pg, broker, "relay-1k", emit_script, 1, rate=1000, clients=2)
+    use_sink(pg, "rabbitmq", rabbit)
+    res["rabbitmq-1"] = rabbitmq(pg, rabbit, "rabbitmq-1")
+    res["rabbitmq-1k"] = rabbitmq(pg, rabbit, "rabbitmq-1k", rate=1000)
+    use_sink(pg, "kafka")
     relay_off(pg)
     res["ceiling-1"] = ceiling(pg, 1)
     relay_on(pg)
@@ -523,6 +570,9 @@ ROWS = [
     ("outbox, table path, full speed", "table"),
     ("Debezium, table, full speed", "debezium"),
     ("polling relay, full speed", "polling"),
+    ("relay-1 to RabbitMQ (outbox_emit, 1 event/txn)", "rabbitmq-1"),
+    ("relay to Kafka, outbox_emit, 1k/s", "relay-1k"),
+    ("relay to RabbitMQ, outbox_emit, 1k/s", "rabbitmq-1k"),
     ("outbox, table path, 1k/s", "table-1k"),
     ("Debezium, table, 1k/s", "debezium-1k"),
     ("polling relay, 1k/s", "polling-1k"),
@@ -531,6 +581,8 @@ ROWS = [
 RATIOS = [
     ("relay-1 end-to-end / ceiling-1 commits (target >= 0.9)", lambda x: x["relay-1"]["eps"] / x["ceiling-1"]["commit_eps"]),
     ("relay-100 end-to-end / ceiling-100 commits (target >= 0.9)", lambda x: x["relay-100"]["eps"] / x["ceiling-100"]["commit_eps"]),
+    ("RabbitMQ / Kafka, end-to-end events/s, relay-1 at full speed", lambda x: x["rabbitmq-1"]["eps"] / x["relay-1"]["eps"]),
+    ("RabbitMQ / Kafka, commit→confirm p50 at 1k/s", lambda x: x["rabbitmq-1k"]["ack_p50_ms"] / x["relay-1k"]["ack_p50_ms"]),
     ("outbox / polling relay, end-to-end events/s at full speed", lambda x: x["table"]["eps"] / x["polling"]["eps"]),
     ("outbox / Debezium, end-to-end events/s at full speed", lambda x: x["table"]["eps"] / x["debezium"]["eps"]),
     ("outbox p50 / Debezium p50 at 1k/s (target <= 0.1)", lambda x: x["table-1k"]["p50_ms"] / x["debezium-1k"]["p50_ms"]),
@@ -548,6 +600,9 @@ def main():
     broker = rig.KafkaBroker(heap="1g")
     broker.reset()
     broker.start()
+    rabbit = rig.RabbitMQ()
+    rabbit.reset()
+    rabbit.start()
     pg = rig.Postgres()
     pg.init({"max_connections": "100", "shared_buffers": "'256MB'", "logical_decoding_work_mem": "'64MB'"})
     pg.start()
@@ -560,17 +615,18 @@ def main():
         rig.wait_for_relay(pg)
         broker_baseline(broker, duration=5)  # warms the broker's JIT; not reported
         brokers = [broker_baseline(broker), broker_baseline(broker, rate=1000)]
-        rounds = [run_round(pg, broker, r, r == ROUNDS - 1) for r in range(ROUNDS)]
+        rounds = [run_round(pg, broker, rabbit, r, r == ROUNDS - 1) for r in range(ROUNDS)]
         relay_off(pg)
         cost = emit_cost(pg)
         calls = call_cost(pg)
     finally:
         pg.stop(check=False)
         broker.stop()
+        rabbit.stop()
     minutes = (time.monotonic() - t_start) / 60
 
     print("\n## outbox benchmark", time.strftime("%Y-%m-%d %H:%M"),
-          f"({os.cpu_count()} cores; Apache Kafka {rig.jar_version(rig.KAFKA_LIBS, 'kafka_2.13')}, one KRaft node; Debezium {rig.jar_version(rig.DEBEZIUM_LIBS, 'debezium-connector-postgres')}; "
+          f"({os.cpu_count()} cores; Apache Kafka {rig.jar_version(rig.KAFKA_LIBS, 'kafka_2.13')}, one KRaft node; RabbitMQ {rabbit.version()}, one node; Debezium {rig.jar_version(rig.DEBEZIUM_LIBS, 'debezium-connector-postgres')}; "
           f"{ROUNDS} rounds of {DURATION} s runs, {CLIENTS} clients; {minutes:.0f} min)")
     print("\nEach cell: median over the rounds (min-max).\n")
     print("| scenario | committed events/s | end-to-end events/s | write→consumer p50 / p95 / p99 ms | "

@@ -45,6 +45,7 @@ PG_ENV = [] if PG_MAJOR == "15" else ["env", f"LD_LIBRARY_PATH={PG_BIN.parent / 
 # taken by any outgoing connection, and a second cluster then cannot bind.
 PG_PORT = int(os.environ.get("OUTBOX_PG_PORT", "25432"))
 KAFKA_PORT = int(os.environ.get("OUTBOX_KAFKA_PORT", "19092"))
+AMQP_PORT = int(os.environ.get("OUTBOX_AMQP_PORT", "15672"))
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 DATABASE = "outbox_test"
 
@@ -633,6 +634,156 @@ class DebeziumConnect:
                     "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (self.slot,)).fetchone()[0], timeout=30)
                 c.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
                 c.execute(f'DROP PUBLICATION IF EXISTS "{self.slot}_publication"')
+
+
+class RabbitMQ:
+    """Debian's RabbitMQ server (setup.sh installs rabbitmq-server), a node
+    of the rig's own: its files under .run/rabbitmq-<port>, its own Erlang
+    cookie, epmd and distribution ports, one scheduler thread. The Debian
+    wrappers in /usr/sbin insist on the rabbitmq user, so the scripts under
+    /usr/lib/rabbitmq/bin are called. `guest` may connect (from localhost);
+    `add_user` makes others."""
+
+    BIN = Path("/usr/lib/rabbitmq/bin")
+
+    def __init__(self, run_dir: Path = RUN, port: int = AMQP_PORT):
+        self.port = port
+        self.dir = run_dir / f"rabbitmq-{port}"
+        self.node = f"outbox{port}@localhost"
+        self.proc: subprocess.Popen | None = None
+        self.logfile = self.dir / "rabbitmq.log"
+
+    def url(self, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/%2f"
+
+    def _env(self) -> dict[str, str]:
+        d = self.dir
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "RABBITMQ_ALLOW_INPUT")}
+        env.update({
+            "HOME": str(d / "home"),
+            "RABBITMQ_CONF_ENV_FILE": str(d / "absent.env"),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.port + 1),
+            "ERL_EPMD_PORT": str(self.port + 2),
+            "RABBITMQ_CTL_DIST_PORT_MIN": str(self.port + 10),
+            "RABBITMQ_CTL_DIST_PORT_MAX": str(self.port + 19),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_LOGS": "-",
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+S 1:1 +SDcpu 1:1 +SDio 1",
+            "RABBITMQ_MAX_NUMBER_OF_PROCESSES": "65536",
+            "ERL_MAX_PORTS": "4096",
+        })
+        return env
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.BIN / "rabbitmqctl"), "-n", self.node, *args], env=self._env(),
+                              capture_output=True, text=True, check=check, timeout=timeout)
+
+    def reset(self) -> None:
+        self.stop()
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        for sub in ("home", "mnesia", "log"):
+            (self.dir / sub).mkdir(parents=True)
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            "disk_free_limit.absolute = 50MB\n"
+            "vm_memory_high_watermark.absolute = 512MB\n"
+            "log.console = true\nlog.console.level = warning\nlog.file = false\n")
+
+    def start(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen([str(self.BIN / "rabbitmq-server")], env=self._env(), cwd=self.dir,
+                                         stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        r = self.ctl("wait", str(self.dir / "rabbit.pid"), "--timeout", "90", check=False, timeout=120)
+        if r.returncode != 0 or not port_open(self.port):
+            raise RuntimeError(f"RabbitMQ did not start: {r.stdout}{r.stderr}; see {self.logfile}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.ctl("shutdown", check=False)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        # erl leaves an epmd of its own behind.
+        subprocess.run(["epmd", "-port", str(self.port + 2), "-kill"], capture_output=True, env=self._env())
+        wait_for(f"port {self.port} to close", lambda: not port_open(self.port), timeout=30)
+
+    def kill(self) -> None:
+        """kill -9 of the whole node (the Erlang VM and its shell)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def version(self) -> str:
+        r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True, text=True)
+        return r.stdout.strip() or "?"
+
+    def add_user(self, user: str, password: str) -> None:
+        self.ctl("add_user", user, password)
+        self.ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+
+    def channel(self):
+        import pika
+        conn = pika.BlockingConnection(pika.URLParameters(self.url()))
+        return conn, conn.channel()
+
+    def bind_queue(self, exchange: str, routing_key: str = "#") -> str:
+        """A durable queue of its own bound to `exchange` (declared as the
+        relay declares it); returns its name."""
+        conn, ch = self.channel()
+        try:
+            ch.exchange_declare(exchange, exchange_type="topic", durable=True)
+            q = f"q.{uuid.uuid4().hex[:12]}"
+            ch.queue_declare(q, durable=True)
+            ch.queue_bind(q, exchange, routing_key=routing_key)
+            return q
+        finally:
+            conn.close()
+
+    def consume(self, queue: str, expect: int, timeout: float = 30.0, linger: float = 0.0) -> list[dict]:
+        """Reads (and acknowledges) up to `expect` messages, waiting at most
+        `timeout`, then `linger` more for any extra."""
+        conn, ch = self.channel()
+        out: list[dict] = []
+        try:
+            deadline = time.monotonic() + timeout
+            extra_until = None
+            while True:
+                now = time.monotonic()
+                if len(out) >= expect:
+                    extra_until = extra_until or now + linger
+                    if now >= extra_until:
+                        break
+                elif now >= deadline:
+                    break
+                method, props, body = ch.basic_get(queue, auto_ack=True)
+                if method is None:
+                    time.sleep(0.02)
+                    continue
+                headers = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (props.headers or {}).items()}
+                # Shaped like BrokerClient.consume's records (one ordered
+                # queue: partition 0, offsets in arrival order), so the
+                # load comparison serves both sinks.
+                out.append({"value": body, "key": str(headers.get("aggregateid", "")).encode(),
+                            "routing_key": method.routing_key, "props": props, "headers": headers,
+                            "partition": 0, "offset": len(out)})
+            return out
+        finally:
+            conn.close()
 
 
 @contextmanager

@@ -33,6 +33,8 @@ apt_packages=(
   python3-venv
   # what the PyPI builds of 16-18 link against
   libssl3 libgssapi-krb5-2 liblz4-1 libzstd1 libxml2 zlib1g libreadline8 tzdata
+  # the RabbitMQ sink's tests run Debian's server (the rig starts its own node)
+  rabbitmq-server
 )
 # Java 17 and Maven for Apache Kafka (machine images carry them already).
 command -v java >/dev/null || apt_packages+=(openjdk-17-jre-headless)
@@ -53,7 +55,8 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian's package starts a cluster of its own on 5432; we run our own.
+  # Debian's packages start servers of their own; we run our own.
+  if command -v invoke-rc.d >/dev/null; then invoke-rc.d rabbitmq-server stop >/dev/null 2>&1 || true; fi
   if command -v pg_lsclusters >/dev/null; then
     pg_lsclusters -h 2>/dev/null | while read -r ver name _; do
       pg_ctlcluster "$ver" "$name" stop 2>/dev/null || true

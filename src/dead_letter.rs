@@ -30,6 +30,49 @@ pub struct Letter {
     pub commit_time: i64,
 }
 
+impl Letter {
+    /// The event as decoded: every refusal the relay makes itself (a bad
+    /// topic, too large, not verified).
+    pub fn of_event(d: &outbox_core::decoded::DecodedEvent<'_>, destination: Option<&str>) -> Letter {
+        let ev = &d.event;
+        Letter {
+            id: outbox_core::format_uuid(&ev.id),
+            aggregate_type: ev.aggregate_type.to_owned(),
+            aggregate_id: ev.aggregate_id.to_owned(),
+            event_type: ev.event_type.to_owned(),
+            payload: ev.payload.to_owned(),
+            headers: ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            topic: destination.map(str::to_owned),
+            commit_time: d.commit_time,
+        }
+    }
+
+    /// A message the sink gave back with its failure (the decoded event is
+    /// gone by then): `id`, `type` and `aggregatetype` come out of the
+    /// headers the relay put them in.
+    pub fn of_returned(r: crate::sink::Returned, destination: &str, commit_time: i64) -> Letter {
+        let mut l = Letter {
+            id: String::new(),
+            aggregate_type: String::new(),
+            aggregate_id: r.key,
+            event_type: String::new(),
+            payload: r.value,
+            headers: Vec::new(),
+            topic: Some(destination.to_owned()),
+            commit_time,
+        };
+        for (k, v) in r.headers {
+            match k.as_str() {
+                "id" => l.id = v,
+                "type" => l.event_type = v,
+                "aggregatetype" => l.aggregate_type = v,
+                _ => l.headers.push((k, v)),
+            }
+        }
+        l
+    }
+}
+
 /// A letter waiting for the worker's next settle step.
 pub struct Pending {
     pub seq: TxnSeq,

@@ -11,6 +11,9 @@
 //! - `emit`: `outbox_emit()` and the outbox table's insert guard
 //! - `row`: reading an outbox table row
 //! - `plugin`: the logical decoding output plugin
+//! - `relay`: the worker: decode → deliver → acknowledge → confirm
+//! - `sink`: where events go (Kafka, RabbitMQ), behind one trait
+//! - `dead_letter`, `slot`, `shmem` (status), `ops` (SQL functions for operators)
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(any(feature = "pg13", feature = "pg14"))]
@@ -18,6 +21,7 @@ compile_error!("outbox supports PostgreSQL 15, 16, 17 and 18 (see src/ffi.rs)");
 
 use pgrx::prelude::*;
 
+mod clock;
 mod dead_letter;
 mod emit;
 mod event_id;
@@ -26,13 +30,13 @@ mod ffi;
 mod key;
 mod ops;
 mod plugin;
-mod publisher;
 mod row;
 mod row_trigger;
 mod settings;
 mod shmem;
 mod slot;
-mod worker;
+mod relay;
+mod sink;
 
 pgrx::pg_module_magic!();
 
@@ -56,7 +60,7 @@ pub extern "C-unwind" fn _PG_init() {
             // create a slot in the half-built new cluster).
             log!("outbox: binary upgrade mode; the relay worker does not start");
         } else {
-            worker::register();
+            relay::register();
         }
     } else {
         // Without preloading there is no relay: outbox_emit() says so.

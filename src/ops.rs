@@ -1,7 +1,7 @@
 //! SQL functions for operators: waiting until everything committed is
 //! published (`outbox_drain`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -40,12 +40,12 @@ pub unsafe extern "C-unwind" fn outbox_drain(fcinfo: pg_sys::FunctionCallInfo) -
     };
     let shared = relay_shared();
     let target = upto.unwrap_or_else(drain_target);
-    let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64);
+    let deadline = crate::clock::now() + Duration::from_millis(timeout_ms.max(0) as u64);
     loop {
         if shared.confirmed() >= target {
             return pg_sys::Datum::from(true);
         }
-        if Instant::now() >= deadline {
+        if crate::clock::now() >= deadline {
             return pg_sys::Datum::from(false);
         }
         shared.wake_worker();
@@ -108,6 +108,7 @@ fn outbox_relay_status() -> TableIterator<
         name!(broker_reachable, bool),
         name!(last_error, Option<String>),
         name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(sink, String),
     ),
 > {
     let shared = relay_shared();
@@ -148,6 +149,7 @@ fn outbox_relay_status() -> TableIterator<
         s.broker_up,
         error.as_ref().map(|(m, _)| m.clone()),
         error.and_then(|(_, t)| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
+        settings::amqp::sink_name().to_owned(),
     ))
 }
 

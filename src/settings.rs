@@ -16,6 +16,8 @@ use pgrx::prelude::*;
 
 use outbox_core::{kafka_props, topic::TopicTemplate};
 
+pub mod amqp;
+
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox"));
 static BOOTSTRAP_SERVERS: GucSetting<Option<CString>> =
@@ -110,6 +112,7 @@ pub fn init() {
             GucFlags::UNIT_BYTE,
         );
         init_relay();
+        amqp::init();
         // A typo such as outbox.slotname is then an error, not a silent no-op.
         pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr());
     }
@@ -467,7 +470,16 @@ pub fn producer_fingerprint() -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{:?}", kafka_properties()).hash(&mut h);
-    format!("{}\u{1}{}\u{1}{}\u{1}{:x}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish())
+    format!("{}\u{1}{}\u{1}{}\u{1}{:x}\u{1}{}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish(), amqp::fingerprint())
+}
+
+/// The destination template for the sink in force, and whether what it
+/// produces must be a Kafka topic name (else it is an AMQP routing key).
+pub fn destination_template() -> (TopicTemplate, bool) {
+    match amqp::sink() {
+        amqp::SinkKind::Kafka => (topic_template(), true),
+        amqp::SinkKind::Rabbitmq => (amqp::routing_key_template(), false),
+    }
 }
 
 /// An integer setting where 0 means nothing sensible (-1 is "off" or "the

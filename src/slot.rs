@@ -1,9 +1,11 @@
-//! Reading the outbox slot's state from shared memory, for the checks
-//! `outbox_emit()` makes, the WAL guard and the status view.
+//! The outbox slot: its state read from shared memory, for the checks
+//! `outbox_emit()` makes, the WAL guard and the status view; and its
+//! creation by the relay.
 
 use std::ffi::{CStr, CString};
 
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 
 use outbox_core::wal_guard;
 
@@ -87,4 +89,29 @@ pub fn retained_since(restart_lsn: u64) -> u64 {
 pub fn guard(info: &SlotInfo) -> (u64, wal_guard::Verdict) {
     let r = retained(info);
     (r, wal_guard::verdict(r, settings::max_retained_wal()))
+}
+
+/// Creates the slot with this library as its plugin if it is missing. A slot
+/// cannot be created in a transaction that has an xid, so through a
+/// read-only SELECT in a transaction of its own.
+pub fn ensure_slot(slot: &str) {
+    // Slot names are validated by the setting's check hook: lower-case
+    // letters, digits and underscores only, so inlining is safe.
+    let sql = format!(
+        "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_replication_slots
+                                  WHERE slot_name OPERATOR(pg_catalog.=) '{slot}'::pg_catalog.name) THEN false
+                     ELSE (SELECT true FROM pg_catalog.pg_create_logical_replication_slot('{slot}', 'outbox'{extra})) END",
+        extra = crate::ffi::CREATE_SLOT_EXTRA_ARGS
+    );
+    let created = pgrx::bgworkers::BackgroundWorker::transaction(|| {
+        Spi::connect(|c| c.select(&sql, Some(1), &[])?.first().get_one::<bool>())
+    });
+    match created {
+        Ok(Some(true)) => log!(
+            "outbox relay: created logical replication slot \"{slot}\" (plugin outbox{})",
+            if crate::ffi::CREATE_SLOT_EXTRA_ARGS.is_empty() { "" } else { ", failover" }
+        ),
+        Ok(_) => {}
+        Err(e) => error!("outbox relay: could not create slot \"{slot}\": {e}"),
+    }
 }

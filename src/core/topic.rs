@@ -102,9 +102,43 @@ pub fn route<'a>(
     Ok(topic)
 }
 
+/// An AMQP routing key: the event's explicit topic (on RabbitMQ it names
+/// the routing key) or the template's result. Any text up to 255 bytes (an
+/// AMQP short string); empty is refused, as it would reach only bindings
+/// made for it by accident.
+pub fn routing_key(
+    template: &TopicTemplate,
+    key_override: Option<&str>,
+    aggregate_type: &str,
+    event_type: &str,
+) -> Result<String, String> {
+    let key = match key_override {
+        Some(k) => k.to_owned(),
+        None => template.render(aggregate_type, event_type),
+    };
+    if key.is_empty() || key.len() > 255 {
+        return Err(format!(
+            "routing key \"{}\" must be 1 to 255 bytes, it is {} (from {})",
+            key.chars().take(80).collect::<String>(),
+            key.len(),
+            if key_override.is_some() { "the event's topic" } else { "outbox.amqp_routing_key" }
+        ));
+    }
+    Ok(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_keys_default_to_the_event_type_and_are_bounded() {
+        let t = TopicTemplate::parse("${type}").unwrap();
+        assert_eq!(routing_key(&t, None, "Order", "Order Created").unwrap(), "Order Created");
+        assert_eq!(routing_key(&t, Some("orders.eu"), "Order", "x").unwrap(), "orders.eu");
+        assert!(routing_key(&t, None, "Order", "").unwrap_err().contains("1 to 255"));
+        assert!(routing_key(&t, None, "Order", &"x".repeat(256)).unwrap_err().contains("it is 256"));
+    }
 
     #[test]
     fn default_template_matches_debezium() {

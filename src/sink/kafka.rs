@@ -1,6 +1,6 @@
-//! The Kafka side of the relay: an rdkafka `BaseProducer` polled on the
-//! worker's own thread, so delivery reports (and librdkafka's errors) are
-//! handled there and never call Postgres from another thread.
+//! The Kafka sink: an rdkafka `BaseProducer` polled on the worker's own
+//! thread, so delivery reports (and librdkafka's errors) are handled there
+//! and never call Postgres from another thread.
 //!
 //! Settings that guarantee delivery and order are ours, not the user's:
 //! idempotence, `acks=all`, and `message.timeout.ms=0` (a message never
@@ -18,10 +18,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::Message;
 
-use outbox_core::confirm::TxnSeq;
-
-use crate::dead_letter::Letter;
 use outbox_core::{format_uuid_into, time};
+
+use super::{with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
 
 /// Properties the relay sets itself. The settings refuse them, under any
 /// of their names, when set (`kafka_props::check`); they are applied last.
@@ -43,30 +42,22 @@ pub const FIXED: [(&str, &str); 6] = [
     ("allow.auto.create.topics", "false"),
 ];
 
-/// One delivery report, as the worker needs it.
-pub struct Report {
-    pub seq: TxnSeq,
-    /// Key + value bytes of the delivered record.
-    pub bytes: u64,
-    /// Kafka's reason, the topic and the event id, when delivery failed.
-    pub error: Option<Rejected>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Rejected {
-    pub reason: String,
-    /// Kafka's error code (rd_kafka_resp_err_t); 0 when refused by the relay itself.
-    pub code: i32,
-    pub topic: String,
-    pub event_id: String,
-    /// Retrying cannot fix it (see `outbox_core::kafka_errors`).
-    pub permanent: bool,
-    /// The event itself, for the dead-letter table.
-    pub letter: Option<Box<Letter>>,
-}
-
 fn permanent(e: &KafkaError) -> bool {
     e.rdkafka_error_code().is_some_and(|c| outbox_core::kafka_errors::is_permanent(c as i32))
+}
+
+/// Kafka's error as the relay judges it.
+fn rejected(e: &KafkaError, topic: &str, event_id: String, returned: Returned) -> Rejected {
+    let code = e.rdkafka_error_code().map_or(0, |c| c as i32);
+    Rejected {
+        reason: e.to_string(),
+        destination: topic.to_owned(),
+        event_id,
+        permanent: permanent(e),
+        batch: outbox_core::kafka_errors::is_batch_rejection(code),
+        returned: Some(Box::new(returned)),
+        connection: false,
+    }
 }
 
 pub struct Ctx {
@@ -82,56 +73,32 @@ impl ProducerContext for Ctx {
         let (error, bytes) = match r {
             Ok(msg) => (None, (msg.key_len() + msg.payload_len()) as u64),
             Err((e, msg)) => {
-                let letter = letter_of(msg);
-                let rej = Rejected {
-                    reason: e.to_string(),
-                    code: e.rdkafka_error_code().map_or(0, |c| c as i32),
-                    topic: msg.topic().to_owned(),
-                    event_id: letter.id.clone(),
-                    permanent: permanent(e),
-                    letter: Some(Box::new(letter)),
-                };
-                (Some(rej), 0)
+                let (id, returned) = returned_of(msg);
+                (Some(rejected(e, msg.topic(), id, returned)), 0)
             }
         };
         if let Ok(mut v) = self.reports.lock() {
-            v.push(Report { seq: seq as TxnSeq, bytes, error });
+            v.push(Report { seq: seq as u64, bytes, error });
         }
     }
 }
 
-/// The event back out of a record the relay built (see `Publisher::send`);
-/// the commit time is the caller's to fill in (the record keeps milliseconds).
-fn letter_of<M: Message>(msg: &M) -> Letter {
+/// The record as the relay built it (see `send`), and its event id.
+fn returned_of<M: Message>(msg: &M) -> (String, Returned) {
     use rdkafka::message::Headers;
     let text = |b: Option<&[u8]>| b.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-    let mut l = Letter {
-        id: String::new(),
-        aggregate_type: String::new(),
-        aggregate_id: text(msg.key()),
-        event_type: String::new(),
-        payload: text(msg.payload()),
-        headers: Vec::new(),
-        topic: Some(msg.topic().to_owned()),
-        commit_time: 0,
-    };
+    let mut r = Returned { key: text(msg.key()), value: text(msg.payload()), headers: Vec::new() };
+    let mut id = String::new();
     if let Some(hs) = msg.headers() {
         for h in hs.iter() {
             let v = text(h.value);
-            match h.key {
-                "id" => l.id = v,
-                "type" => l.event_type = v,
-                "aggregatetype" => l.aggregate_type = v,
-                k => l.headers.push((k.to_owned(), v)),
+            if h.key == "id" {
+                id = v.clone();
             }
+            r.headers.push((h.key.to_owned(), v));
         }
     }
-    l
-}
-
-pub enum TopicError {
-    Unreachable(String),
-    Missing(String),
+    (id, r)
 }
 
 pub struct TopicCreation {
@@ -142,7 +109,7 @@ pub struct TopicCreation {
 
 type Admin = AdminClient<DefaultClientContext>;
 
-pub struct Publisher {
+pub struct KafkaSink {
     producer: BaseProducer<Ctx>,
     config: ClientConfig,
     /// One admin client for topic probes, creation and configs, made at
@@ -157,13 +124,7 @@ pub struct Publisher {
     compressed: bool,
 }
 
-/// What `send` reports back.
-pub enum SendError {
-    /// The event can never be produced as it is (too large, bad topic...).
-    Rejected(Rejected),
-}
-
-impl Publisher {
+impl KafkaSink {
     pub fn new(
         bootstrap: &str,
         user: &[(String, String)],
@@ -210,35 +171,35 @@ impl Publisher {
         let compressed = user
             .iter()
             .any(|(k, v)| outbox_core::kafka_props::canonical(k) == "compression.codec" && !v.eq_ignore_ascii_case("none"));
-        Ok((Publisher { producer, config, admin: None, known_topics: HashMap::new(), compressed }, ignored))
+        Ok((KafkaSink { producer, config, admin: None, known_topics: HashMap::new(), compressed }, ignored))
     }
 
     /// Makes sure `topic` exists, creating it when creation is on, and
     /// returns its `max.message.bytes` when known. Returns the reason when
-    /// it does not exist: `TopicError::Unreachable` is worth retrying,
-    /// `TopicError::Missing` is not until an operator acts.
+    /// it does not exist: `DestinationError::Unreachable` is worth retrying,
+    /// `DestinationError::Missing` is not until an operator acts.
     ///
     /// The topic's size limit lets the relay refuse an event the broker
     /// would refuse before it is sent: a refusal by the broker comes back
     /// after later events of the partition may already be on their way
     /// (and written), which breaks order under `on_rejected_event = stop`.
-    pub fn ensure_topic(
+    fn ensure_topic(
         &mut self,
         topic: &str,
         creation: &TopicCreation,
         mut interrupts: impl FnMut(),
-    ) -> Result<Option<usize>, TopicError> {
+    ) -> Result<Option<usize>, DestinationError> {
         if let Some(limit) = self.known_topics.get(topic) {
             return Ok(*limit);
         }
-        let unreachable = |e: String| TopicError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
+        let unreachable = |e: String| DestinationError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
         // Probes go through the admin client, not the producer, so they
         // can run on the admin thread while the worker serves interrupts.
         let prober = self.admin().map_err(|e| unreachable(e.to_string()))?;
         let seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
         if seen == TopicSeen::Missing {
             if !creation.enabled {
-                return Err(TopicError::Missing(format!(
+                return Err(DestinationError::Missing(format!(
                     "topic \"{topic}\" does not exist and outbox.topic_creation is off"
                 )));
             }
@@ -246,8 +207,8 @@ impl Publisher {
             // Produce only once the broker serves the new topic's metadata
             // with leaders: a young broker may fail a produce that races
             // the creation.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::time::Instant::now() < deadline {
+            let deadline = crate::clock::now() + Duration::from_secs(10);
+            while crate::clock::now() < deadline {
                 interrupts();
                 let probe = probe_topic(&prober, topic, Duration::from_millis(500), &mut interrupts);
                 if probe == Ok(TopicSeen::Exists { leaders: true }) {
@@ -294,7 +255,7 @@ impl Publisher {
         topic: &str,
         creation: &TopicCreation,
         interrupts: &mut impl FnMut(),
-    ) -> Result<(), TopicError> {
+    ) -> Result<(), DestinationError> {
         let admin = Arc::clone(admin);
         let (name, partitions, rf) = (topic.to_owned(), creation.partitions, creation.replication_factor);
         let res = admin_call(
@@ -307,78 +268,58 @@ impl Publisher {
             },
             interrupts,
         )
-        .ok_or_else(|| TopicError::Unreachable(format!("creating topic \"{topic}\" gave no answer")))?;
-        let res = res.map_err(|e| TopicError::Unreachable(format!("create topic \"{topic}\": {e}")))?;
+        .ok_or_else(|| DestinationError::Unreachable(format!("creating topic \"{topic}\" gave no answer")))?;
+        let res = res.map_err(|e| DestinationError::Unreachable(format!("create topic \"{topic}\": {e}")))?;
         for r in res {
             match r {
                 Ok(_) => {}
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) if outbox_core::kafka_errors::is_transient_admin(code as i32) => {
-                    return Err(TopicError::Unreachable(format!("create topic \"{t}\": {code} (retrying)")))
+                    return Err(DestinationError::Unreachable(format!("create topic \"{t}\": {code} (retrying)")))
                 }
-                Err((t, code)) => return Err(TopicError::Missing(format!("create topic \"{t}\": {code}"))),
+                Err((t, code)) => return Err(DestinationError::Missing(format!("create topic \"{t}\": {code}"))),
             }
         }
         Ok(())
     }
 
     /// Hands one event to the producer. A full local queue is waited out by
-    /// polling (through `wait`, which also serves delivery reports and
-    /// interrupts); anything else is a rejection of this event.
-    #[allow(clippy::too_many_arguments)]
-    pub fn send(
-        &self,
-        seq: TxnSeq,
-        topic: &str,
-        key: &str,
-        payload: &str,
-        id: &[u8; 16],
-        event_type: &str,
-        aggregate_type: &str,
-        headers: &[(&str, &str)],
-        commit_time_pg: i64,
-        mut wait: impl FnMut(&Self),
-    ) -> Result<(), SendError> {
+    /// polling (serving reports into `on_full`); anything else is a
+    /// rejection of this event.
+    fn produce(&self, ev: &OutEvent<'_>, on_full: &mut dyn FnMut(&mut Vec<Report>)) -> Result<(), Rejected> {
         let mut id_buf = [0u8; 36];
-        let id_text = format_uuid_into(id, &mut id_buf);
-        let mut h = OwnedHeaders::new_with_capacity(3 + headers.len())
+        let id_text = format_uuid_into(ev.id, &mut id_buf);
+        let mut h = OwnedHeaders::new_with_capacity(3 + ev.headers.len())
             .insert(Header { key: "id", value: Some(id_text.as_bytes()) })
-            .insert(Header { key: "type", value: Some(event_type.as_bytes()) })
-            .insert(Header { key: "aggregatetype", value: Some(aggregate_type.as_bytes()) });
-        for (k, v) in headers {
+            .insert(Header { key: "type", value: Some(ev.event_type.as_bytes()) })
+            .insert(Header { key: "aggregatetype", value: Some(ev.aggregate_type.as_bytes()) });
+        for (k, v) in ev.headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
-        let mut record = BaseRecord::with_opaque_to(topic, seq as usize)
-            .key(key)
-            .payload(payload)
+        let mut record = BaseRecord::with_opaque_to(ev.destination, ev.seq as usize)
+            .key(ev.key)
+            .payload(ev.value)
             .headers(h)
-            .timestamp(time::pg_to_unix_millis(commit_time_pg));
+            .timestamp(time::pg_to_unix_millis(ev.commit_time));
+        let mut reports = Vec::new();
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
-                    wait(self);
+                    self.poll_reports(Duration::from_millis(100), &mut reports);
+                    on_full(&mut reports);
+                    reports.clear();
                 }
                 Err((e, _)) => {
-                    let letter = Letter {
-                        id: id_text.to_owned(),
-                        aggregate_type: aggregate_type.to_owned(),
-                        aggregate_id: key.to_owned(),
-                        event_type: event_type.to_owned(),
-                        payload: payload.to_owned(),
-                        headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-                        topic: Some(topic.to_owned()),
-                        commit_time: commit_time_pg,
-                    };
-                    return Err(SendError::Rejected(Rejected {
-                        reason: e.to_string(),
-                        code: e.rdkafka_error_code().map_or(0, |c| c as i32),
-                        topic: topic.to_owned(),
-                        permanent: permanent(&e),
-                        event_id: id_text.to_owned(),
-                        letter: Some(Box::new(letter)),
-                    }));
+                    let mut headers = vec![
+                        ("id".to_owned(), id_text.to_owned()),
+                        ("type".to_owned(), ev.event_type.to_owned()),
+                        ("aggregatetype".to_owned(), ev.aggregate_type.to_owned()),
+                    ];
+                    headers.extend(ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+                    let returned = Returned { key: ev.key.to_owned(), value: ev.value.to_owned(), headers };
+                    return Err(rejected(&e, ev.destination, id_text.to_owned(), returned));
                 }
             }
         }
@@ -387,7 +328,7 @@ impl Publisher {
     /// Serves delivery reports (waiting up to `timeout` for one) into
     /// `out`, which must be empty: the buffers are swapped, so both keep
     /// their capacity.
-    pub fn poll_into(&self, timeout: Duration, out: &mut Vec<Report>) {
+    fn poll_reports(&self, timeout: Duration, out: &mut Vec<Report>) {
         self.producer.poll(timeout);
         if let Ok(mut v) = self.producer.context().reports.lock() {
             std::mem::swap(&mut *v, out);
@@ -458,7 +399,7 @@ fn queue_kbytes(max_event_bytes: usize) -> usize {
 /// worker's memory without bound.
 const KNOWN_TOPICS_MAX: usize = 10_000;
 
-impl Publisher {
+impl KafkaSink {
     /// The shared admin client, made at first use.
     fn admin(&mut self) -> Result<Arc<Admin>, KafkaError> {
         if let Some(a) = &self.admin {
@@ -473,8 +414,8 @@ impl Publisher {
     /// threads to end: the worker must not exit with them running (exit-time
     /// cleanup of OpenSSL and the like would race them). Returns how long
     /// it took, or None if it did not finish in time.
-    pub fn close(self, limit: Duration) -> Option<Duration> {
-        let start = std::time::Instant::now();
+    fn close_within(self, limit: Duration) -> Option<Duration> {
+        let start = crate::clock::now();
         let (tx, rx) = std::sync::mpsc::channel();
         // Dropped on a thread of its own so the wait is bounded; signals
         // stay with the worker's thread.
@@ -499,19 +440,30 @@ impl Publisher {
     }
 }
 
-/// librdkafka starts threads that inherit the creating thread's signal
-/// mask; Postgres' signals must only ever be delivered to the worker's own
-/// thread, so they are blocked while clients are created.
-fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: sigfillset/pthread_sigmask on locally owned sigset_t values;
-    // the old mask is restored before returning.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
+impl Sink for KafkaSink {
+    fn name(&self) -> &'static str {
+        "Kafka"
+    }
+
+    fn prepare(&mut self, destination: &str, interrupts: &mut dyn FnMut()) -> Result<Option<usize>, DestinationError> {
+        // Read per topic, so a reload applies without a restart.
+        let creation = TopicCreation {
+            enabled: crate::settings::topic_creation(),
+            partitions: crate::settings::topic_partitions(),
+            replication_factor: crate::settings::topic_replication_factor(),
+        };
+        self.ensure_topic(destination, &creation, interrupts)
+    }
+
+    fn send(&mut self, ev: &OutEvent<'_>, on_full: &mut dyn FnMut(&mut Vec<Report>)) -> Result<(), Rejected> {
+        self.produce(ev, on_full)
+    }
+
+    fn poll_into(&mut self, timeout: Duration, out: &mut Vec<Report>) {
+        self.poll_reports(timeout, out)
+    }
+
+    fn close(self: Box<Self>, limit: Duration) -> Option<Duration> {
+        (*self).close_within(limit)
     }
 }

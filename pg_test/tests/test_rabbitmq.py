@@ -1,0 +1,205 @@
+"""The RabbitMQ sink against a real RabbitMQ server (Debian's package, a
+node the rig starts): what a consumer receives, rejections, and faults under
+a steady load compared like the Kafka faults (0 lost, per-aggregate order of
+first occurrences, duplicates counted)."""
+
+import json
+import signal
+import time
+import uuid
+
+import pytest
+from psycopg import sql
+
+import rig
+from load import Load, compare
+
+EXCHANGE = "outbox_events"
+
+
+@pytest.fixture(scope="module")
+def rabbit():
+    r = rig.RabbitMQ()
+    r.reset()
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def rdb(pg, rabbit):
+    """A server of its own whose relay publishes to RabbitMQ."""
+    settings = {
+        "outbox.sink": "rabbitmq",
+        "outbox.amqp_url": f"'{rabbit.url()}'",
+        "outbox.amqp_exchange": EXCHANGE,
+    }
+    with rig.other_server("on_rabbitmq", 16, settings) as p:
+        yield p
+
+
+def set_and_reload(pg, restart=False, **settings):
+    """ALTER SYSTEM and reload; with `restart`, waits until a new worker
+    (the relay restarts for new sink settings) is streaming."""
+    old = rig.relay_pid(pg)
+    with pg.connect() as c:
+        for k, v in settings.items():
+            if v is None:
+                c.execute(f"ALTER SYSTEM RESET outbox.{k}")
+            else:
+                c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))
+        c.execute("SELECT pg_reload_conf()")
+    if restart:
+        rig.wait_for("the relay to restart with the new settings",
+                     lambda: (pid := rig.relay_pid(pg)) and pid != old and rig.relay_status(pg)["state"] == "streaming")
+
+
+def key():
+    return f"k.{uuid.uuid4().hex[:12]}"
+
+
+def test_committed_events_arrive_with_their_properties_and_rollbacks_do_not(rdb, rabbit):
+    etype = f"Placed{uuid.uuid4().hex[:8]}"
+    q = rabbit.bind_queue(EXCHANGE, etype)  # the default routing key is the event type
+    with rdb.connect(autocommit=False) as c:
+        ids = [str(c.execute("SELECT outbox_emit('Order', %s, %s, %s::jsonb, %s::jsonb)",
+                             (f"o{i}", etype, json.dumps({"n": i}), json.dumps({"tenant": "t1"}))).fetchone()[0])
+               for i in range(3)]
+        committed_at = c.execute("SELECT now()").fetchone()[0]
+        c.commit()
+        c.execute("SELECT outbox_emit('Order', 'ghost', %s, '{}'::jsonb)", (etype,))
+        c.rollback()
+    rig.drain(rdb)
+    got = rabbit.consume(q, expect=3, timeout=30, linger=1.5)
+    assert [m["headers"]["id"] for m in got] == ids, "exactly the committed events, in commit order"
+    for i, m in enumerate(got):
+        p = m["props"]
+        assert json.loads(m["value"]) == {"n": i}
+        assert m["routing_key"] == etype
+        assert p.message_id == ids[i] and p.type == etype
+        assert p.content_type == "application/json" and p.delivery_mode == 2 and p.app_id == "outbox"
+        assert abs(p.timestamp - int(committed_at.timestamp())) <= 1, (p.timestamp, committed_at)
+        assert m["headers"] == {"id": ids[i], "type": etype, "aggregatetype": "Order",
+                                "aggregateid": f"o{i}", "tenant": "t1"}
+    st = rig.relay_status(rdb)
+    assert st["sink"] == "rabbitmq" and st["state"] == "streaming" and st["events_published"] >= 3
+
+
+def test_an_explicit_topic_names_the_routing_key(rdb, rabbit):
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    with rdb.connect() as c:
+        eid = str(c.execute("SELECT outbox_emit('Order', 'o1', 'Shipped', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+    rig.drain(rdb)
+    got = rabbit.consume(q, expect=1, timeout=30)
+    assert [(m["headers"]["id"], m["routing_key"]) for m in got] == [(eid, rk)]
+
+
+def test_an_unroutable_event_is_dead_lettered_and_publishing_goes_on(rdb, rabbit):
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    nowhere = key()
+    with rdb.connect() as c:
+        lost = str(c.execute("SELECT outbox_emit('Order', 'o1', 'Lost', '{\"x\":1}'::jsonb, '{\"h\":\"v\"}'::jsonb, %s)",
+                             (nowhere,)).fetchone()[0])
+        after = str(c.execute("SELECT outbox_emit('Order', 'o1', 'After', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+    rig.drain(rdb)
+    assert [m["headers"]["id"] for m in rabbit.consume(q, expect=1, timeout=30, linger=1)] == [after]
+    with rdb.connect() as c:
+        dl = c.execute("SELECT id::text, topic, aggregateid, type, payload, headers, reason FROM outbox_dead_letter "
+                       "WHERE id = %s", (lost,)).fetchall()
+    assert len(dl) == 1, dl
+    _, topic, agg, typ, payload, headers, reason = dl[0]
+    assert (topic, agg, typ, payload, headers) == (nowhere, "o1", "Lost", {"x": 1}, {"h": "v"})
+    assert "unroutable" in reason and "312" in reason and nowhere in reason, reason
+
+
+def test_rabbitmq_stopped_and_restarted_under_load_loses_nothing(rdb, rabbit):
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    with Load(rdb, rk) as load:
+        load.wait_for(300)
+        rabbit.stop()
+        t0 = time.monotonic()
+        rig.wait_for_relay(rdb, "waiting for broker", timeout=30)
+        st = rig.relay_status(rdb)
+        assert "RabbitMQ" in (st["last_error"] or ""), st
+        time.sleep(2)
+        rabbit.start()
+        rig.wait_for_relay(rdb, timeout=60)
+        print(f"\n[rabbitmq restart] streaming again {time.monotonic() - t0:.1f} s after the stop")
+        n = len(load.committed)
+        load.wait_for(n + 300)
+    rig.drain(rdb, timeout_ms=120_000)
+    got = rabbit.consume(q, expect=len(load.committed), timeout=60, linger=1.5)
+    dups = compare(load, got)
+    print(f"[rabbitmq restart] committed={len(load.committed)} published={len(got)} duplicates={dups}")
+
+
+def test_kill_9_of_the_worker_under_load_loses_nothing(rdb, rabbit):
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    with Load(rdb, rk) as load:
+        load.wait_for(300)
+        pid = rig.relay_pid(rdb)
+        rdb.kill_backend(pid, signal.SIGKILL)  # the postmaster then resets the whole cluster
+        rig.wait_for_relay(rdb)
+        n = len(load.committed)
+        load.wait_for(n + 300)
+    rig.drain(rdb, timeout_ms=120_000)
+    got = rabbit.consume(q, expect=len(load.committed), timeout=60, linger=1.5)
+    dups = compare(load, got)
+    print(f"\n[rabbitmq kill -9 relay] committed={len(load.committed)} published={len(got)} duplicates={dups}")
+    assert rig.relay_pid(rdb) != pid
+
+
+def test_a_bad_url_or_bad_credentials_show_in_the_status_and_nothing_is_lost(rdb, rabbit):
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    with rdb.connect() as c:
+        err = None
+        try:
+            c.execute("ALTER SYSTEM SET outbox.amqp_url = 'http://127.0.0.1/'")
+        except Exception as e:  # refused when set, with the reason
+            err = str(e)
+        assert err and "amqp://" in err, err
+    try:
+        set_and_reload(rdb, amqp_url=f"amqp://guest:guest@127.0.0.1:{rig.PG_PORT + 99}/%2f")
+        st = rig.wait_for(
+            "the refused connection in the status",
+            lambda: (s := rig.relay_status(rdb))["state"] == "waiting for broker" and "refused" in (s["last_error"] or "").lower() and s)
+        assert "guest:***@" in st["last_error"] and not st["broker_reachable"], st
+        with rdb.connect() as c:
+            first = str(c.execute("SELECT outbox_emit('Order', 'o1', 'X', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+        rabbit.add_user("app", "right-password")
+        set_and_reload(rdb, amqp_url=f"amqp://app:wrong-password@127.0.0.1:{rabbit.port}/%2f")
+        st = rig.wait_for("the refused login in the status",
+                          lambda: "ACCESS" in ((s := rig.relay_status(rdb))["last_error"] or "") and s)
+        assert st["state"] == "waiting for broker" and "wrong-password" not in st["last_error"], st
+        # The password from the properties file replaces the URL's.
+        f = rdb.dir / "amqp.properties"
+        f.write_text("# RabbitMQ login\npassword=right-password\n")
+        rig.run(["chown", "postgres:postgres", str(f)])
+        f.chmod(0o600)
+        set_and_reload(rdb, amqp_properties_file=str(f))
+        rig.wait_for_relay(rdb, timeout=30)
+        with rdb.connect() as c:
+            second = str(c.execute("SELECT outbox_emit('Order', 'o1', 'Y', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+        rig.drain(rdb)
+        assert [m["headers"]["id"] for m in rabbit.consume(q, expect=2, timeout=30, linger=1)] == [first, second]
+    finally:
+        set_and_reload(rdb, restart=True, amqp_url=rabbit.url(), amqp_properties_file=None)
+
+
+def test_a_missing_exchange_is_refused_when_declaring_is_off(rdb, rabbit):
+    try:
+        missing = f"absent_{uuid.uuid4().hex[:8]}"
+        set_and_reload(rdb, restart=True, amqp_exchange=missing, amqp_exchange_declare="off")
+        with rdb.connect() as c:
+            eid = str(c.execute("SELECT outbox_emit('Order', 'o1', 'X', '{}'::jsonb)").fetchone()[0])
+        rig.drain(rdb)
+        with rdb.connect() as c:
+            reason = c.execute("SELECT reason FROM outbox_dead_letter WHERE id = %s", (eid,)).fetchone()[0]
+        assert missing in reason and "does not exist" in reason, reason
+    finally:
+        set_and_reload(rdb, restart=True, amqp_exchange=None, amqp_exchange_declare=None)

@@ -1,0 +1,358 @@
+//! Delivery: each record the output plugin writes becomes one event handed
+//! to the sink (routed, checked against the destination's limit, registered
+//! in the ledger first), and each report the sink gives back is applied to
+//! the ledger. An event that cannot be published is judged here: a
+//! transient failure restarts the stream, a permanent one is dead-lettered
+//! or stops the relay (`outbox.on_rejected_event`).
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use outbox_core::confirm::TxnSeq;
+use outbox_core::decoded::{self, DecodedEvent};
+use outbox_core::ledger::Ledger;
+use outbox_core::relay_state::Input;
+use outbox_core::topic::TopicTemplate;
+use outbox_core::{lsn, retry};
+
+use super::exit::SinkHandle;
+use super::state;
+use crate::clock;
+use crate::dead_letter::{self, Letter};
+use crate::settings;
+use crate::shmem::Shared;
+use crate::sink::{DestinationError, OutEvent, Rejected, Report};
+
+/// Everything the decoding callbacks need; reached through the context's
+/// `output_writer_private`.
+pub struct Deliver {
+    pub sink: SinkHandle,
+    pub ledger: Ledger,
+    pub shared: &'static Shared,
+    /// Rejected events to write to the dead-letter table at the next settle.
+    pub dead: Vec<dead_letter::Pending>,
+    /// Events already in the dead-letter table that this stream may decode
+    /// again (committed after the confirmed position): (id, commit LSN).
+    pub dead_known: std::collections::HashSet<([u8; 16], u64)>,
+    /// Kafka sends one event per request (after a batch rejection; until
+    /// the position in `Shared::isolating_until` is confirmed).
+    pub one_per_request: bool,
+    /// The destination template (`outbox.topic_template`, or
+    /// `outbox.amqp_routing_key`), re-read at each reload.
+    pub template: TopicTemplate,
+    /// Routing keys need not be topic names.
+    pub topic_names: bool,
+    /// The last destination the template produced: (aggregate type, event type, destination).
+    last_route: Option<(String, String, Rc<str>)>,
+    /// Reports, swapped with the sink's buffer so neither is reallocated.
+    reports: Vec<Report>,
+}
+
+/// An event that could not be published.
+struct Failure {
+    seq: TxnSeq,
+    rej: Rejected,
+    commit_lsn: u64,
+    commit_time: i64,
+    /// The sink reported it (the ledger counts it as failed); else it was
+    /// refused before the sink took it, and `letter` is the decoded event.
+    from_report: bool,
+    letter: Option<Letter>,
+}
+
+impl Deliver {
+    pub fn new(sink: SinkHandle, shared: &'static Shared, one_per_request: bool) -> Self {
+        let (template, topic_names) = settings::destination_template();
+        Deliver {
+            sink,
+            ledger: Ledger::new(clock::now()),
+            shared,
+            dead: Vec::new(),
+            dead_known: Default::default(),
+            one_per_request,
+            template,
+            topic_names,
+            last_route: None,
+            reports: Vec::new(),
+        }
+    }
+
+    pub fn reload(&mut self) {
+        (self.template, self.topic_names) = settings::destination_template();
+        self.last_route = None;
+    }
+
+    /// Serves the sink's reports, waiting up to `wait` for the first.
+    pub fn apply_reports(&mut self, wait: Duration) {
+        let mut reports = std::mem::take(&mut self.reports);
+        self.sink.get().poll_into(wait, &mut reports);
+        let failures = apply(&mut self.ledger, self.shared, &mut reports);
+        self.reports = reports;
+        for f in failures {
+            self.reject(f);
+        }
+    }
+
+    /// One record from the output plugin: send it.
+    pub fn handle(&mut self, bytes: &[u8]) {
+        if !state::mode().sends() {
+            // Not sent: the slot is not confirmed past the event that stopped
+            // the stream, so this one is decoded and sent again after it.
+            return;
+        }
+        let d = match decoded::decode_binary(bytes) {
+            Ok(d) => d,
+            Err(e) => {
+                warning!("outbox relay: skipping an output record it cannot read: {e}");
+                return;
+            }
+        };
+        let ev = &d.event;
+        let row = (d.source == decoded::Source::Table).then_some(ev.id);
+        let seq = self.ledger.sent(d.commit_lsn, d.commit_time, row, clock::now());
+        // Refused before the sink saw it: retrying cannot help.
+        let refuse = |me: &mut Self, reason: String, destination: Option<&str>| {
+            let rej = Rejected {
+                reason,
+                destination: destination.unwrap_or_default().to_owned(),
+                event_id: outbox_core::format_uuid(&d.event.id),
+                permanent: true,
+                batch: false,
+                returned: None,
+                connection: false,
+            };
+            let letter = Some(Letter::of_event(&d, destination));
+            me.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false, letter });
+        };
+        if self.dead_known.contains(&(ev.id, d.commit_lsn)) {
+            // Dead-lettered before a restart of the stream: settled, not sent again.
+            self.ledger.settled_elsewhere(seq, false);
+            return;
+        }
+        if d.source == decoded::Source::Unverified {
+            // Not signed with this server's key: never published, never
+            // skipped in silence (dead-lettered or the relay stops).
+            self.shared.add_unverified();
+            let reason = "not verified: the event's signature does not match this server's key ($PGDATA/outbox.key); \
+                          it was written under another key (the key file was replaced or restored from elsewhere) \
+                          or forged with pg_logical_emit_message()";
+            return refuse(self, reason.to_owned(), ev.topic);
+        }
+        let destination = match self.route(&d) {
+            Ok(r) => r,
+            Err(reason) => return refuse(self, reason, None),
+        };
+        let limit = loop {
+            match self.sink.get().prepare(&destination, &mut || {
+                pg_sys::check_for_interrupts!();
+            }) {
+                Ok(limit) => break limit,
+                Err(DestinationError::Missing(reason)) => return refuse(self, reason, Some(&destination)),
+                Err(DestinationError::Unreachable(reason)) => {
+                    // The sink cannot be asked: wait and ask again, never skip.
+                    self.shared.add_retry();
+                    self.shared.set_broker_up(false);
+                    self.shared.set_error(&reason);
+                    state::feed(Input::SinkUnreachable, Some(&reason));
+                    self.apply_reports(Duration::from_millis(500));
+                    pg_sys::check_for_interrupts!();
+                }
+            }
+        };
+        if let Some(limit) = limit {
+            let size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, &ev.headers, ev.payload);
+            if size > limit {
+                // Refused here, before it is sent, so nothing after it can
+                // reach the destination first.
+                let reason = if self.topic_names {
+                    format!("event is too large for topic \"{destination}\": {size} bytes as a Kafka record, its max.message.bytes is {limit}")
+                } else {
+                    format!("event is too large for routing key \"{destination}\": {size} bytes, the server's max_message_size is {limit}")
+                };
+                return refuse(self, reason, Some(&destination));
+            }
+        }
+        let out = OutEvent {
+            seq,
+            id: &ev.id,
+            key: ev.aggregate_id,
+            value: ev.payload,
+            event_type: ev.event_type,
+            aggregate_type: ev.aggregate_type,
+            headers: &ev.headers,
+            destination: &destination,
+            commit_time: d.commit_time,
+        };
+        let Deliver { sink, ledger, shared, .. } = self;
+        let shared: &'static Shared = shared;
+        let mut pending = Vec::new();
+        let mut full_since = None;
+        let res = sink.get().send(&out, &mut |reports| {
+            // The sink has no room: its reports are served meanwhile.
+            pending.extend(apply(ledger, shared, reports));
+            // A wait inside decoding is visible in the status.
+            let now = clock::now();
+            if now.duration_since(*full_since.get_or_insert(now)) >= outbox_core::ledger::SINK_SILENCE {
+                shared.set_broker_up(false);
+                state::feed(
+                    Input::SinkUnreachable,
+                    Some("the sink's local queue is full and nothing is acknowledged; waiting, nothing is skipped"),
+                );
+            }
+            pg_sys::check_for_interrupts!();
+        });
+        for f in pending {
+            self.reject(f);
+        }
+        if let Err(rej) = res {
+            let letter = Some(Letter::of_event(&d, Some(&destination)));
+            self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false, letter });
+        }
+    }
+
+    /// The event's destination: its own topic, or the template's result,
+    /// kept for the next event of the same aggregate type and event type
+    /// (a reload may change the template).
+    fn route(&mut self, d: &DecodedEvent<'_>) -> Result<Rc<str>, String> {
+        let ev = &d.event;
+        if ev.topic.is_none() {
+            if let Some((a, t, r)) = &self.last_route {
+                if a == ev.aggregate_type && t == ev.event_type {
+                    return Ok(r.clone());
+                }
+            }
+        }
+        let routed = if self.topic_names {
+            outbox_core::topic::route(&self.template, ev.topic, ev.aggregate_type, ev.event_type)
+                .map(|c| c.into_owned())
+                .map_err(|e| e.message)?
+        } else {
+            outbox_core::topic::routing_key(&self.template, ev.topic, ev.aggregate_type, ev.event_type)?
+        };
+        let r: Rc<str> = Rc::from(routed);
+        if ev.topic.is_none() {
+            self.last_route = Some((ev.aggregate_type.to_owned(), ev.event_type.to_owned(), r.clone()));
+        }
+        Ok(r)
+    }
+
+    /// An event that cannot be published: a transient failure restarts the
+    /// stream; a permanent one is dead-lettered or stops the relay.
+    fn reject(&mut self, mut f: Failure) {
+        if f.from_report && f.rej.permanent && f.rej.batch && !self.one_per_request {
+            // The broker refused the batch this event was in, maybe for
+            // another event of it. Resend one event per request up to here
+            // (a restart of the stream), then judge each event alone.
+            self.shared.isolate_until(f.commit_lsn);
+            f.rej.permanent = false;
+            f.rej.reason = format!(
+                "{} (for the batch it was sent in; resending one event per request to find the one refused)",
+                f.rej.reason
+            );
+        }
+        let mut backoff = Duration::ZERO;
+        if !f.rej.permanent && f.rej.connection {
+            // The sink's connection is gone: every event in flight fails
+            // with it, and none of them is the cause. Restart after a short
+            // pause; the sink waits for the server on the way back.
+            backoff = Duration::from_secs(1);
+        } else if !f.rej.permanent && state::mode().sends() {
+            // The first transient failure since the stream started decides
+            // the restart: backed off, and given up after a few for the
+            // same event (outbox_core::retry).
+            let id = uuid::Uuid::parse_str(&f.rej.event_id).map(|u| *u.as_bytes()).unwrap_or_default();
+            let (streak, next) = retry::after_transient_failure(self.shared.streak(), id);
+            self.shared.set_streak(streak);
+            match next {
+                retry::Next::Restart { backoff: b } => backoff = b,
+                retry::Next::GiveUp => {
+                    f.rej.permanent = true;
+                    f.rej.reason = format!(
+                        "{} (failed {} times in a row, each time re-sent after a restart of the stream; \
+                         handled as a permanent rejection)",
+                        f.rej.reason, streak.attempts
+                    );
+                }
+            }
+        }
+        let sink = self.sink.name();
+        let what = format!(
+            "event {} (transaction committed at {}) for {} \"{}\"",
+            f.rej.event_id,
+            lsn::format(f.commit_lsn),
+            if self.topic_names { "topic" } else { "routing key" },
+            f.rej.destination
+        );
+        if f.rej.permanent && settings::on_rejected_event() == settings::OnRejected::DeadLetter {
+            let letter = f.letter.take().or_else(|| {
+                f.rej.returned.take().map(|r| Letter::of_returned(*r, &f.rej.destination, f.commit_time))
+            });
+            if let Some(letter) = letter {
+                let msg = format!("{sink} rejected {what}: {}; moved to the dead-letter table, publishing goes on", f.rej.reason);
+                warning!("outbox relay: {msg}");
+                self.shared.set_error(&msg);
+                self.dead.push(dead_letter::Pending {
+                    seq: f.seq,
+                    commit_lsn: f.commit_lsn,
+                    reason: f.rej.reason,
+                    letter,
+                    from_report: f.from_report,
+                });
+                return;
+            }
+        }
+        if !state::mode().sends() {
+            return;
+        }
+        if f.rej.permanent {
+            let msg = format!("{sink} rejected {what}: {}", f.rej.reason);
+            warning!("outbox relay: {msg}");
+            self.shared.set_error(&msg);
+            state::feed(
+                Input::Rejected,
+                Some("the slot's position is held; fix the cause, then reload the configuration or call outbox_relay_resume()"),
+            );
+        } else {
+            self.shared.add_retry();
+            let msg = format!(
+                "{sink} failed to deliver {what}: {}; restarting the stream from the confirmed position {} \
+                 (events after it are sent again, none skipped)",
+                f.rej.reason,
+                lsn::format(self.shared.confirmed())
+            );
+            warning!("outbox relay: {msg}");
+            self.shared.set_error(&msg);
+            state::feed(Input::TransientFailure { now: clock::now(), backoff }, None);
+        }
+    }
+}
+
+/// Applies reports to the ledger (leaving `reports` empty, its capacity
+/// kept); returns the failures.
+fn apply(ledger: &mut Ledger, shared: &Shared, reports: &mut Vec<Report>) -> Vec<Failure> {
+    let mut failures = Vec::new();
+    let now = clock::now();
+    for r in reports.drain(..) {
+        match r.error {
+            None => note_latency(shared, ledger.acked(r.seq, r.bytes, now)),
+            Some(rej) => {
+                let (commit_lsn, commit_time) = ledger.failed(r.seq);
+                failures.push(Failure { seq: r.seq, rej, commit_lsn, commit_time, from_report: true, letter: None });
+            }
+        }
+    }
+    failures
+}
+
+/// Commit-to-acknowledgement latency: the report's arrival minus the
+/// transaction's commit time, both from this server's clock.
+fn note_latency(shared: &Shared, commit_time: Option<i64>) {
+    if let Some(t) = commit_time.filter(|t| *t != 0) {
+        // SAFETY: GetCurrentTimestamp only reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        shared.record_latency((now - t).max(0) as u64);
+    }
+}

@@ -1,0 +1,119 @@
+//! The boundary between the relay and where events go. The relay decodes,
+//! routes and keeps the books; a sink only sends, reports what was
+//! acknowledged or failed, and closes. Two sinks: Kafka (`kafka.rs`,
+//! librdkafka) and RabbitMQ (`rabbitmq.rs`, AMQP 0-9-1 with publisher
+//! confirms). `outbox.sink` chooses.
+//!
+//! A sink runs its own threads (librdkafka's, the AMQP client's runtime);
+//! the relay calls it from the worker's thread only, and it never calls
+//! Postgres.
+
+use std::time::Duration;
+
+use outbox_core::confirm::TxnSeq;
+
+pub mod kafka;
+pub mod rabbitmq;
+
+/// One event as the sink sends it. `id`, `type` and `aggregatetype` travel
+/// as headers (Kafka) or properties and headers (AMQP), with the event's own
+/// headers after them.
+pub struct OutEvent<'a> {
+    pub seq: TxnSeq,
+    pub id: &'a [u8; 16],
+    /// The aggregate id: Kafka's message key.
+    pub key: &'a str,
+    pub value: &'a str,
+    pub event_type: &'a str,
+    pub aggregate_type: &'a str,
+    pub headers: &'a [(&'a str, &'a str)],
+    /// A Kafka topic, or an AMQP routing key.
+    pub destination: &'a str,
+    /// Commit time, µs since 2000-01-01.
+    pub commit_time: i64,
+}
+
+/// One acknowledgement or failure.
+pub struct Report {
+    pub seq: TxnSeq,
+    /// Key + value bytes of the delivered message.
+    pub bytes: u64,
+    pub error: Option<Rejected>,
+}
+
+/// Why the sink did not take an event.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// What the sink said, for the log, the status and the dead letter.
+    pub reason: String,
+    pub destination: String,
+    pub event_id: String,
+    /// Retrying cannot fix it (`outbox.on_rejected_event` decides).
+    pub permanent: bool,
+    /// Kafka refused the whole batch the event was sent in: which event
+    /// was at fault is not known (see `kafka_errors::is_batch_rejection`).
+    pub batch: bool,
+    /// The message as the sink had it, when it can give it back: the relay
+    /// dead-letters it from this (the decoded event is gone by then).
+    pub returned: Option<Box<Returned>>,
+    /// The sink lost its connection: not this event's fault, so a restart
+    /// for it is not counted against the event (see `outbox_core::retry`).
+    pub connection: bool,
+}
+
+/// A message given back by the sink: the parts the relay handed it.
+#[derive(Debug, Clone, Default)]
+pub struct Returned {
+    pub key: String,
+    pub value: String,
+    /// The headers as sent, `id`, `type` and `aggregatetype` included.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A destination could not be checked or used.
+pub enum DestinationError {
+    /// Worth asking again (the sink is unreachable): never skipped.
+    Unreachable(String),
+    /// Will not work until an operator acts (a missing topic or exchange).
+    Missing(String),
+}
+
+pub trait Sink {
+    /// `Kafka` or `RabbitMQ`, for messages.
+    fn name(&self) -> &'static str;
+
+    /// Makes sure `destination` can take events (a Kafka topic exists or is
+    /// created); returns the largest message it takes, when known, so an
+    /// event too large is refused before anything after it is sent.
+    /// `interrupts` is called at least every 100 ms while it waits.
+    fn prepare(&mut self, destination: &str, interrupts: &mut dyn FnMut()) -> Result<Option<usize>, DestinationError>;
+
+    /// Hands one event over. While the sink has no room, it serves its
+    /// reports into `on_full` (and interrupts through it) until it has.
+    fn send(&mut self, ev: &OutEvent<'_>, on_full: &mut dyn FnMut(&mut Vec<Report>)) -> Result<(), Rejected>;
+
+    /// Moves reports into `out` (empty on entry), waiting up to `timeout`
+    /// for the first one.
+    fn poll_into(&mut self, timeout: Duration, out: &mut Vec<Report>);
+
+    /// Ends the sink's threads, waiting at most `limit`; how long it took,
+    /// or None if it did not finish in time.
+    fn close(self: Box<Self>, limit: Duration) -> Option<Duration>;
+}
+
+/// Threads a sink starts inherit the creating thread's signal mask;
+/// Postgres' signals must only ever reach the worker's own thread, so they
+/// are blocked while those threads are created.
+pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: sigfillset/pthread_sigmask on locally owned sigset_t values;
+    // the old mask is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
