@@ -43,6 +43,8 @@ import threading
 import time
 import uuid
 
+import psycopg
+
 import rig
 
 PGBENCH = str(rig.PG_BIN / "pgbench")
@@ -401,7 +403,12 @@ def time_to_first_event(pg, broker, name, launch, slot):
     with pg.connect() as c:
         rig.wait_for(f"slot {slot}", lambda: c.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone(),
                      timeout=120, interval=0.01)
-        c.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, '1', 'Started', '{}')", (agg,))
+        while True:
+            try:
+                c.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, '1', 'Started', '{}')", (agg,))
+                break
+            except psycopg.errors.ObjectNotInPrerequisiteState:
+                time.sleep(0.01)  # the new slot is still finding its consistent point
     reader.wait(1, timeout=120)
     first = reader.first_at - t0
     reader.close()

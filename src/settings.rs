@@ -470,7 +470,12 @@ pub fn producer_fingerprint() -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     format!("{:?}", kafka_properties()).hash(&mut h);
-    format!("{}\u{1}{}\u{1}{}\u{1}{:x}\u{1}{}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish(), amqp::fingerprint())
+    let amqp = match amqp::sink() {
+        // The RabbitMQ settings (and their file) matter only to that sink.
+        amqp::SinkKind::Kafka => String::new(),
+        amqp::SinkKind::Rabbitmq => amqp::fingerprint(),
+    };
+    format!("{}\u{1}{}\u{1}{}\u{1}{:x}\u{1}{}\u{1}{}", bootstrap_servers(), max_event_bytes(), linger_ms(), h.finish(), amqp::sink_name(), amqp)
 }
 
 /// The destination template for the sink in force, and whether what it

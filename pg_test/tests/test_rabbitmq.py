@@ -203,3 +203,28 @@ def test_a_missing_exchange_is_refused_when_declaring_is_off(rdb, rabbit):
         assert missing in reason and "does not exist" in reason, reason
     finally:
         set_and_reload(rdb, restart=True, amqp_exchange=None, amqp_exchange_declare=None)
+
+
+def test_returns_are_matched_to_their_events_among_many_in_flight(rdb, rabbit):
+    """One transaction interleaving routable and unroutable events: the
+    server confirms them with multiple acks, and lapin hands each return to
+    whichever confirm completes next; every unroutable event must still be
+    the one dead-lettered, and every routable one delivered."""
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    nowhere = key()
+    with rdb.connect(autocommit=False) as c:
+        routed, lost = [], []
+        for i in range(600):
+            dest = nowhere if i % 3 == 0 else rk
+            eid = str(c.execute("SELECT outbox_emit('Order', %s, 'Mixed', %s::jsonb, '{}'::jsonb, %s)",
+                                (f"o{i % 7}", json.dumps({"i": i}), dest)).fetchone()[0])
+            (lost if dest == nowhere else routed).append(eid)
+        c.commit()
+    rig.drain(rdb)
+    got = [m["headers"]["id"] for m in rabbit.consume(q, expect=len(routed), timeout=60, linger=1)]
+    assert got == routed, "every routable event, once, in commit order"
+    with rdb.connect() as c:
+        dl = [str(r[0]) for r in c.execute("SELECT id FROM outbox_dead_letter WHERE topic = %s ORDER BY commit_lsn, id",
+                                           (nowhere,)).fetchall()]
+    assert sorted(dl) == sorted(lost), f"{len(dl)} dead letters for {len(lost)} unroutable events"

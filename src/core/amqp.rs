@@ -14,12 +14,21 @@ pub fn check_url(url: &str) -> Result<(), String> {
     if host_only.is_empty() {
         return Err(format!("\"{}\" names no host", redact(url)));
     }
+    let vhost = rest.split_once('/').map_or("", |(_, v)| v.split('?').next().unwrap_or_default());
+    if percent_decoded_len(vhost) > 255 {
+        return Err(format!("\"{}\": the virtual host is longer than the 255 bytes AMQP allows", redact(url)));
+    }
     if let Some((_, port)) = host.rsplit_once(':') {
         if !host.ends_with(']') && port.parse::<u16>().is_err() {
             return Err(format!("\"{}\": the port \"{port}\" is not a number", redact(url)));
         }
     }
     Ok(())
+}
+
+/// Bytes of `s` once `%XX` escapes are decoded.
+fn percent_decoded_len(s: &str) -> usize {
+    s.len() - 2 * s.matches('%').count()
 }
 
 /// The URI with its password replaced by `***`, for messages.
@@ -104,6 +113,8 @@ mod tests {
         let e = check_url("amqp://u:secret@h:port/").unwrap_err();
         assert!(e.contains("not a number") && !e.contains("secret"), "{e}");
         assert_eq!(redact("amqp://u:secret@h:1/v"), "amqp://u:***@h:1/v");
+        assert!(check_url(&format!("amqp://h/{}", "v".repeat(256))).unwrap_err().contains("255 bytes"));
+        assert!(check_url(&format!("amqp://h/{}", "%2f".repeat(255))).is_ok());
     }
 
     #[test]

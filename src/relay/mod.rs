@@ -136,7 +136,10 @@ fn build_sink(shared: &Shared, one_per_request: bool) -> Box<dyn Sink> {
             let mut reported = String::new();
             loop {
                 let url = settings::amqp::url().unwrap_or_else(|e| error!("outbox relay: {e}"));
-                match RabbitSink::connect(&url, settings::amqp::exchange(), settings::amqp::exchange_declare()) {
+                let mut interrupts = || {
+                    pg_sys::check_for_interrupts!();
+                };
+                match RabbitSink::connect(&url, settings::amqp::exchange(), settings::amqp::exchange_declare(), &mut interrupts) {
                     Ok(s) => return Box::new(s),
                     Err(e) => {
                         if e.0 != reported {

@@ -40,21 +40,11 @@ impl Relay {
         if state::mode().sends() {
             self.shared.set_broker_up(!s.sink_silent);
         }
-        let detail = format!("no acknowledgement from {}; retrying, nothing is skipped", self.deliver.sink.name());
-        state::feed(
-            Input::Settled { sink_silent: s.sink_silent, drained: s.drained, now },
-            s.sink_silent.then_some(detail.as_str()),
-        );
         if s.confirmable > self.confirmed {
             // SAFETY: we hold the slot (MyReplicationSlot).
             unsafe { pg_sys::LogicalConfirmReceivedLocation(s.confirmable) };
             self.confirmed = s.confirmable;
             self.shared.set_confirmed(s.confirmable);
-        }
-        if self.deliver.one_per_request && self.confirmed >= self.shared.isolating_until() && s.in_flight == 0 {
-            // Past the events that shared a refused request: batch again.
-            self.shared.isolate_until(0);
-            state::feed(Input::PastIsolation, None);
         }
         if self.confirmed > self.saved && now.duration_since(self.last_save) >= settings::confirm_save_interval() {
             // PG15 writes the slot file only when restart_lsn or xmin move;
@@ -68,6 +58,18 @@ impl Relay {
             }
             self.saved = self.confirmed;
             self.last_save = now;
+        }
+        // Decided last, once this turn's acknowledgements are confirmed
+        // (and saved when due): an exit here re-sends nothing they cover.
+        let detail = format!("no acknowledgement from {}; retrying, nothing is skipped", self.deliver.sink.name());
+        state::feed(
+            Input::Settled { sink_silent: s.sink_silent, drained: s.drained, now },
+            s.sink_silent.then_some(detail.as_str()),
+        );
+        if self.deliver.one_per_request && self.confirmed >= self.shared.isolating_until() && s.in_flight == 0 {
+            // Past the events that shared a refused request: batch again.
+            self.shared.isolate_until(0);
+            state::feed(Input::PastIsolation, None);
         }
         if self.last_rss.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             self.last_rss = Some(now);

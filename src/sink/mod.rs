@@ -103,17 +103,34 @@ pub trait Sink {
 
 /// Threads a sink starts inherit the creating thread's signal mask;
 /// Postgres' signals must only ever reach the worker's own thread, so they
-/// are blocked while those threads are created.
+/// are blocked while those threads are created (and restored even if `f`
+/// panics: an ERROR unwinds through here as a panic).
 pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: sigfillset/pthread_sigmask on locally owned sigset_t values;
-    // the old mask is restored before returning.
-    unsafe {
+    struct Restore(libc::sigset_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores the mask saved below, on this same thread.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        }
+    }
+    // SAFETY: sigfillset/pthread_sigmask on locally owned sigset_t values.
+    let _restore = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
+        Restore(old)
+    };
+    f()
+}
+
+/// Blocks every signal on the calling thread, for good: for threads a sink
+/// owns (tokio's `on_thread_start`), which must never run Postgres' handlers.
+pub fn block_all_signals() {
+    // SAFETY: sigfillset/pthread_sigmask on a locally owned sigset_t.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
     }
 }
