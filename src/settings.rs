@@ -16,6 +16,27 @@ use pgrx::prelude::*;
 
 use outbox_core::{kafka_props, topic::TopicTemplate};
 
+/// A string setting's check hook: `$check` (a `fn(&str) -> Result<_, String>`)
+/// says why a value is refused, in the DETAIL of Postgres' own error.
+macro_rules! string_check_hook {
+    ($name:ident, $check:expr) => {
+        #[pg_guard]
+        unsafe extern "C-unwind" fn $name(
+            newval: *mut *mut c_char,
+            _extra: *mut *mut c_void,
+            _source: pg_sys::GucSource::Type,
+        ) -> bool {
+            // SAFETY: see new_value / check_failed.
+            unsafe {
+                match ($check)(new_value(newval)) {
+                    Ok(_) => true,
+                    Err(e) => check_failed(&e),
+                }
+            }
+        }
+    };
+}
+
 pub mod amqp;
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -244,66 +265,13 @@ unsafe fn new_value<'a>(newval: *mut *mut c_char) -> &'a str {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_slot_name(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        let v = new_value(newval);
-        match outbox_core::validate::slot_name(v) {
-            Ok(()) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_slot_name, outbox_core::validate::slot_name);
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_kafka_properties(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match setting_properties(new_value(newval)) {
-            Ok(_) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_kafka_properties, setting_properties);
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_kafka_properties_file(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match read_properties_file(new_value(newval)) {
-            Ok(_) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_kafka_properties_file, read_properties_file);
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_topic_template(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match TopicTemplate::parse(new_value(newval)) {
-            Ok(_) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_topic_template, TopicTemplate::parse);
 
 static TOPIC_CREATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(1);

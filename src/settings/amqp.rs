@@ -144,39 +144,8 @@ fn read_properties_file(path: &str) -> Result<(Option<String>, Option<String>), 
     outbox_core::amqp::parse_properties(&text).map_err(|e| format!("outbox.amqp_properties_file \"{path}\": {e}"))
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_amqp_url(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match outbox_core::amqp::check_url(new_value(newval)) {
-            Ok(()) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_amqp_url, outbox_core::amqp::check_url);
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_amqp_properties_file(
-    newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
-) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match read_properties_file(new_value(newval)) {
-            Ok(_) => true,
-            Err(e) => check_failed(&e),
-        }
-    }
-}
+string_check_hook!(check_amqp_properties_file, read_properties_file);
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_routing_key(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
-    // SAFETY: see new_value / check_failed.
-    unsafe {
-        match TopicTemplate::parse(new_value(newval)) {
-            Ok(_) => true,
-            Err(e) => check_failed(&e.replace("topic template", "routing key template")),
-        }
-    }
-}
+string_check_hook!(check_routing_key, |v: &str| TopicTemplate::parse(v).map_err(|e| e.replace("topic template", "routing key template")));

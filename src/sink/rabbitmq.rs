@@ -42,8 +42,12 @@ use super::{block_all_signals, with_signals_blocked, DestinationError, OutEvent,
 const QUEUE: usize = 10_000;
 /// Unconfirmed messages at most, in KiB of body (each at least 1).
 const UNCONFIRMED_KIB: usize = 32 * 1024;
-/// How long a positive confirm is held for a return that names it.
-const RETURN_GRACE: Duration = Duration::from_millis(5);
+/// How long a positive confirm is held for a return that names it: lapin
+/// resolves the confirms of one multiple ack in one loop on its I/O thread,
+/// microseconds long; this covers that loop being preempted.
+const RETURN_GRACE: Duration = Duration::from_millis(2);
+/// Acknowledged messages kept for a return that comes later still.
+const RECENT: usize = 1024;
 /// Bound on connecting and on each request to the server.
 const REQUEST_LIMIT: Duration = Duration::from_secs(10);
 
@@ -71,12 +75,29 @@ struct Shared {
     reports: Mutex<Vec<Report>>,
     ready: Condvar,
     in_flight: Mutex<BTreeMap<u64, (Kept, Option<OwnedSemaphorePermit>)>>,
+    /// The last acknowledged messages (see `returned`).
+    recent: Mutex<VecDeque<Kept>>,
 }
 
 impl Shared {
     /// Reports message `n` once: acknowledged, or failed with `why`.
     fn report(&self, n: u64, why: Option<(String, bool, bool)>) {
         let Some((k, _permit)) = self.in_flight.lock().ok().and_then(|mut f| f.remove(&n)) else { return };
+        if why.is_none() {
+            let report = Report { seq: k.seq, bytes: k.bytes, error: None };
+            if let Ok(mut r) = self.recent.lock() {
+                if r.len() >= RECENT {
+                    r.pop_front();
+                }
+                r.push_back(k);
+            }
+            self.push(report);
+            return;
+        }
+        self.push(Self::failed(k, why));
+    }
+
+    fn failed(k: Kept, why: Option<(String, bool, bool)>) -> Report {
         let error = why.map(|(reason, permanent, connection)| Rejected {
             reason,
             destination: k.destination,
@@ -86,9 +107,12 @@ impl Shared {
             returned: Some(Box::new(k.parts)),
             connection,
         });
-        let bytes = if error.is_none() { k.bytes } else { 0 };
+        Report { seq: k.seq, bytes: 0, error }
+    }
+
+    fn push(&self, r: Report) {
         if let Ok(mut v) = self.reports.lock() {
-            v.push(Report { seq: k.seq, bytes, error });
+            v.push(r);
         }
         self.ready.notify_one();
     }
@@ -291,13 +315,13 @@ async fn confirm_loop(mut rx: mpsc::UnboundedReceiver<(u64, lapin::Result<Publis
                 match outcome {
                     Ok(Confirmation::Ack(ret)) => {
                         if let Some(ret) = ret {
-                            returned(&shared, n, &ret);
+                            returned(&shared, &ret);
                         }
                         held.push_back((n, crate::clock::now()));
                     }
                     Ok(Confirmation::Nack(ret)) => {
                         if let Some(ret) = ret {
-                            returned(&shared, n, &ret);
+                            returned(&shared, &ret);
                         }
                         let reason = "RabbitMQ refused it (basic.nack: the server could not take responsibility for the message)";
                         shared.report(n, Some((reason.to_owned(), true, false)));
@@ -330,16 +354,28 @@ async fn confirm_loop(mut rx: mpsc::UnboundedReceiver<(u64, lapin::Result<Publis
 
 /// A basic.return: fails the oldest unreported message with its id (the
 /// confirm it came with may be another message's).
-fn returned(shared: &Shared, with: u64, ret: &lapin::message::BasicReturnMessage) {
-    let id = ret.delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned());
-    let n = id.as_deref().and_then(|id| shared.by_id(id)).unwrap_or(with);
-    let reason = format!(
+///
+/// Should lapin's loop have been held up past RETURN_GRACE, the message was
+/// already reported acknowledged: it is found among the recent ones and
+/// reported failed after all (dead-lettered, or the relay stops), so it is
+/// never dropped in silence.
+fn returned(shared: &Shared, ret: &lapin::message::BasicReturnMessage) {
+    let Some(id) = ret.delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()) else { return };
+    let mut reason = format!(
         "unroutable: RabbitMQ returned it ({} {}): no queue is bound to the exchange for routing key \"{}\"",
         ret.reply_code,
         ret.reply_text.as_str(),
         ret.delivery.routing_key.as_str()
     );
-    shared.report(n, Some((reason, true, false)));
+    if let Some(n) = shared.by_id(&id) {
+        shared.report(n, Some((reason, true, false)));
+        return;
+    }
+    let late = shared.recent.lock().ok().and_then(|mut r| r.iter().position(|k| k.id == id).and_then(|i| r.remove(i)));
+    if let Some(k) = late {
+        reason.push_str(" (the return came after its confirm had been counted)");
+        shared.push(Shared::failed(k, Some((reason, true, false))));
+    }
 }
 
 /// The longest prefix of `s` within `max` bytes, cut at a character boundary.
