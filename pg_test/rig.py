@@ -645,6 +645,7 @@ class RabbitMQ:
     `add_user` makes others."""
 
     BIN = Path("/usr/lib/rabbitmq/bin")
+    MAX_MESSAGE = 1_048_576
 
     def __init__(self, run_dir: Path = RUN, port: int = AMQP_PORT):
         self.port = port
@@ -695,6 +696,9 @@ class RabbitMQ:
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(
             "disk_free_limit.absolute = 50MB\n"
+            # Small, so a message above it (a channel error caused by one
+            # event) is cheap to provoke.
+            f"max_message_size = {self.MAX_MESSAGE}\n"
             "vm_memory_high_watermark.absolute = 512MB\n"
             "log.console = true\nlog.console.level = warning\nlog.file = false\n")
 

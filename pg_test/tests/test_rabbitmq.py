@@ -231,3 +231,37 @@ def test_returns_are_matched_to_their_events_among_many_in_flight(rdb, rabbit):
         dl = [str(r[0]) for r in c.execute("SELECT id FROM outbox_dead_letter WHERE topic = %s ORDER BY commit_lsn, id",
                                            (nowhere,)).fetchall()]
     assert sorted(dl) == sorted(lost), f"{len(dl)} dead letters for {len(lost)} unroutable events"
+
+
+def test_an_event_the_server_keeps_refusing_is_given_up_after_five_attempts(rdb, rabbit):
+    """Hardening d7 end to end: RabbitMQ closes the channel over an event
+    larger than its max_message_size, a failure that is not the event's
+    fault as far as the relay can tell (transient). The stream restarts with
+    a backoff (1, 2, 4, 8 s) and, at the fifth failure of the same event,
+    handles it as a permanent rejection: dead-lettered with the count, and
+    the events after it are delivered."""
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, rk)
+    size = rabbit.MAX_MESSAGE + 100_000
+    set_and_reload(rdb, max_event_bytes=str(3 * rabbit.MAX_MESSAGE))
+    try:
+        with rdb.connect() as c:
+            retries0 = rig.relay_status(rdb)["retries"]
+            before = str(c.execute("SELECT outbox_emit('Order', 'o1', 'Before', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+            big = str(c.execute("SELECT outbox_emit('Order', 'o1', 'Big', jsonb_build_object('x', repeat('y', %s)), '{}'::jsonb, %s)",
+                                (size, rk)).fetchone()[0])
+            after = str(c.execute("SELECT outbox_emit('Order', 'o1', 'After', '{}'::jsonb, '{}'::jsonb, %s)", (rk,)).fetchone()[0])
+        t0 = time.monotonic()
+        rig.drain(rdb, timeout_ms=120_000)
+        took = time.monotonic() - t0
+        with rdb.connect() as c:
+            reason = c.execute("SELECT reason FROM outbox_dead_letter WHERE id = %s", (big,)).fetchone()[0]
+        assert "failed 5 times in a row" in reason and "handled as a permanent rejection" in reason, reason
+        assert "PRECONDITION" in reason or "max size" in reason, reason
+        got = [m["headers"]["id"] for m in rabbit.consume(q, expect=2, timeout=30, linger=1)]
+        assert got[0] == before and got[-1] == after and big not in got, got
+        assert rig.relay_status(rdb)["retries"] - retries0 >= 4
+        assert took >= 1 + 2 + 4 + 8, f"given up after {took:.1f} s: the backoff was not waited"
+        print(f"\n[d7 give-up] dead-lettered after {took:.1f} s")
+    finally:
+        set_and_reload(rdb, restart=True, max_event_bytes=None)
