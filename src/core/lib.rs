@@ -17,9 +17,11 @@ pub mod lsn;
 pub mod rate_limit;
 pub mod relay_state;
 pub mod retry;
+pub mod router;
 pub mod message;
 pub mod time;
 pub mod topic;
+pub mod trace;
 pub mod validate;
 pub mod wal_guard;
 
