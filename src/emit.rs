@@ -243,7 +243,22 @@ pub(crate) fn write_event(
         validate::event(t, settings::max_event_bytes(), aggregate_type, aggregate_id, event_type, payload, headers, topic)
             .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
     }));
-    let (aggregate_type, aggregate_id, event_type, headers, topic) = checked;
+    let (aggregate_type, aggregate_id, mut headers, topic) = (checked.0, checked.1, checked.3, checked.4);
+    let event_type = checked.2;
+    if !headers.iter().any(|(k, _)| k == "traceparent") {
+        // The transaction's trace context (SET LOCAL outbox.traceparent),
+        // checked when it was set.
+        let added = settings::with_traceparent(|t| {
+            if !t.is_empty() {
+                headers.push(("traceparent".to_owned(), t.to_owned()));
+            }
+            !t.is_empty()
+        });
+        if added {
+            let size = validate::record_size(aggregate_type, aggregate_id, event_type, &headers, payload.unwrap_or("null"));
+            check_or_raise(validate::size(size, settings::max_event_bytes()));
+        }
+    }
     let ev = Event {
         id,
         aggregate_type,

@@ -48,6 +48,7 @@ static KAFKA_PROPERTIES_FILE: GucSetting<Option<CString>> = GucSetting::<Option<
 static TOPIC_TEMPLATE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.${aggregatetype}"));
 static MAX_EVENT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_EVENT_BYTES);
+static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 /// Just under the 1,000,000 bytes that librdkafka's `message.max.bytes` and a
 /// Kafka broker's defaults allow, so that an event we accept is one both
@@ -131,6 +132,18 @@ pub fn init() {
             100_000_000,
             GucContext::Sighup,
             GucFlags::UNIT_BYTE,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.traceparent",
+            c"W3C traceparent for the events this session or transaction writes (SET LOCAL in an instrumented application).",
+            c"Any user, any time. outbox_emit() adds it as the traceparent header of each event whose headers carry none. \
+              Checked when set: an invalid value is refused.",
+            &TRACEPARENT,
+            GucContext::Userset,
+            GucFlags::default(),
+            Some(check_traceparent),
+            None,
+            None,
         );
         init_relay();
         amqp::init();
@@ -272,6 +285,13 @@ string_check_hook!(check_kafka_properties, setting_properties);
 string_check_hook!(check_kafka_properties_file, read_properties_file);
 
 string_check_hook!(check_topic_template, TopicTemplate::parse);
+
+string_check_hook!(check_traceparent, |v: &str| if v.is_empty() { Ok(()) } else { outbox_core::trace::check_traceparent(v) });
+
+/// `outbox.traceparent`, borrowed; empty when unset.
+pub fn with_traceparent<R>(f: impl FnOnce(&str) -> R) -> R {
+    with_cstr(&TRACEPARENT, |c| f(c.to_str().unwrap_or("")))
+}
 
 static TOPIC_CREATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 static TOPIC_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(1);

@@ -3,8 +3,13 @@ committed, in per-aggregate order, with nothing for rolled-back work."""
 
 import json
 
+import psycopg
+
 import rig
 from load import Load, compare
+
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def emit(conn, topic, agg, typ="Placed", payload=None, headers="{}"):
@@ -18,7 +23,7 @@ def emit(conn, topic, agg, typ="Placed", payload=None, headers="{}"):
 def test_event_reaches_kafka_with_key_headers_and_commit_timestamp(db, broker):
     topic = rig.unique_topic("relay")
     with db.connect(autocommit=False) as c:
-        eid = emit(c, topic, "42", "OrderPlaced", {"total": 4200}, '{"traceparent": "00-abc"}')
+        eid = emit(c, topic, "42", "OrderPlaced", {"total": 4200}, json.dumps({"traceparent": TP}))
         xid = c.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
         c.commit()
         commit_ms = c.execute(
@@ -30,8 +35,40 @@ def test_event_reaches_kafka_with_key_headers_and_commit_timestamp(db, broker):
     m = got[0]
     assert m["key"] == b"42"
     assert json.loads(m["value"]) == {"total": 4200}
-    assert m["headers"] == {"id": str(eid), "type": "OrderPlaced", "aggregatetype": "Order", "traceparent": "00-abc"}
+    assert m["headers"] == {"id": str(eid), "type": "OrderPlaced", "aggregatetype": "Order", "traceparent": TP}
     assert m["timestamp"] == commit_ms
+
+
+def test_trace_context_from_the_transaction_or_the_headers(db, broker):
+    """SET LOCAL outbox.traceparent, as an instrumented application sets it,
+    travels as the traceparent header of the events the transaction writes;
+    an event's own traceparent header wins; invalid values are refused when
+    set or emitted."""
+    topic = rig.unique_topic("trace")
+    own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with db.connect(autocommit=False) as c:
+        c.execute(f"SET LOCAL outbox.traceparent = '{TP}'")
+        a = emit(c, topic, "1")
+        b = emit(c, topic, "1", headers=json.dumps({"traceparent": own}))
+        c.commit()
+        d = emit(c, topic, "1")  # SET LOCAL ended with the transaction
+        c.commit()
+        for bad in ("00-abc", TP.upper(), "00-00000000000000000000000000000000-00f067aa0ba902b7-01"):
+            try:
+                c.execute(f"SET LOCAL outbox.traceparent = '{bad}'")
+                raise AssertionError(f"{bad} accepted")
+            except psycopg.errors.InvalidParameterValue as e:
+                assert "invalid traceparent" in str(e.diag.message_detail), e.diag.message_detail
+            c.rollback()
+        try:
+            emit(c, topic, "1", headers=json.dumps({"traceparent": "00-abc"}))
+            raise AssertionError("an invalid traceparent header was accepted")
+        except psycopg.errors.InvalidParameterValue as e:
+            assert "invalid traceparent" in str(e), e
+        c.rollback()
+    rig.drain(db)
+    got = {m["headers"]["id"]: m["headers"].get("traceparent") for m in broker.consume(topic, expect=3, linger=1)}
+    assert got == {str(a): TP, str(b): own, str(d): None}
 
 
 def test_default_topic_template_and_table_rows(db, broker):

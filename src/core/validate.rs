@@ -77,7 +77,7 @@ pub fn payload(value: Option<&str>) -> Result<&str, Invalid> {
 /// all strings, with none of the names the relay reserves.
 pub fn headers(value: Option<&serde_json::Value>) -> Result<Vec<(String, String)>, Invalid> {
     const HINT: &str =
-        "Headers are a JSON object of string values, e.g. '{\"traceparent\": \"00-...\"}'; pass '{}' for none.";
+        "Headers are a JSON object of string values, e.g. '{\"tenant\": \"t1\"}'; pass '{}' for none.";
     let obj = match value {
         None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
         Some(serde_json::Value::Object(obj)) => obj,
@@ -102,6 +102,13 @@ pub fn headers(value: Option<&serde_json::Value>) -> Result<Vec<(String, String)
             ));
         }
         match v {
+            serde_json::Value::String(s) if k == "traceparent" => {
+                crate::trace::check_traceparent(s).map_err(|e| {
+                    invalid(Kind::InvalidValue, format!("outbox event header {e}"), "A W3C Trace Context traceparent looks like \
+                     00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 (https://www.w3.org/TR/trace-context/).")
+                })?;
+                out.push((k.clone(), s.clone()))
+            }
             serde_json::Value::String(s) => out.push((k.clone(), s.clone())),
             other => {
                 return Err(invalid(
@@ -252,6 +259,15 @@ mod tests {
     fn payload_null_vs_json_null() {
         assert_eq!(payload(None).unwrap_err().kind, Kind::Null);
         assert_eq!(payload(Some("null")).unwrap(), "null");
+    }
+
+    #[test]
+    fn a_traceparent_header_must_be_valid() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(headers(Some(&json!({"traceparent": ok}))).unwrap(), vec![("traceparent".to_owned(), ok.to_owned())]);
+        let e = headers(Some(&json!({"traceparent": "00-abc"}))).unwrap_err();
+        assert_eq!(e.kind, Kind::InvalidValue);
+        assert!(e.message.starts_with("outbox event header invalid traceparent \"00-abc\""), "{}", e.message);
     }
 
     #[test]
