@@ -20,7 +20,7 @@ use rdkafka::Message;
 
 use outbox_core::{format_uuid_into, time};
 
-use super::{with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
+use super::{wait_serving, with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
 
 /// Properties the relay sets itself. The settings refuse them, under any
 /// of their names, when set (`kafka_props::check`); they are applied last.
@@ -312,14 +312,7 @@ impl KafkaSink {
                     reports.clear();
                 }
                 Err((e, _)) => {
-                    let mut headers = vec![
-                        ("id".to_owned(), id_text.to_owned()),
-                        ("type".to_owned(), ev.event_type.to_owned()),
-                        ("aggregatetype".to_owned(), ev.aggregate_type.to_owned()),
-                    ];
-                    headers.extend(ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-                    let returned = Returned { key: ev.key.to_owned(), value: ev.value.to_owned(), headers };
-                    return Err(rejected(&e, ev.destination, id_text.to_owned(), returned));
+                    return Err(rejected(&e, ev.destination, id_text.to_owned(), Returned::of(ev, id_text)));
                 }
             }
         }
@@ -379,13 +372,7 @@ fn admin_call<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static, interru
         })
     })
     .ok()?;
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(r) => return Some(r),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
-        }
-    }
+    wait_serving(rx, interrupts)
 }
 
 /// The producer's local queue in KiB: 32 MiB, or room for two of the largest

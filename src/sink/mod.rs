@@ -70,6 +70,29 @@ pub struct Returned {
     pub headers: Vec<(String, String)>,
 }
 
+impl Returned {
+    /// The event's parts as the relay hands them to a sink: `id`, `type`
+    /// and `aggregatetype` first, then the event's own headers.
+    pub fn of(ev: &OutEvent<'_>, id: &str) -> Returned {
+        let mut headers = Vec::with_capacity(3 + ev.headers.len());
+        headers.extend([("id", id), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type)].map(|(k, v)| (k.to_owned(), v.to_owned())));
+        headers.extend(ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Returned { key: ev.key.to_owned(), value: ev.value.to_owned(), headers }
+    }
+}
+
+/// Waits for a sink's request on another thread, in 100 ms steps that call
+/// `interrupts`; None when the request ended without an answer.
+pub fn wait_serving<T>(rx: std::sync::mpsc::Receiver<T>, interrupts: &mut dyn FnMut()) -> Option<T> {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => return Some(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
 /// A destination could not be checked or used.
 pub enum DestinationError {
     /// Worth asking again (the sink is unreachable): never skipped.

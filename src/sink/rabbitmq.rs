@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use outbox_core::{format_uuid_into, time};
 
-use super::{block_all_signals, with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
+use super::{block_all_signals, wait_serving, with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
 
 /// Events handed over and not yet published (the relay's side of the queue).
 const QUEUE: usize = 10_000;
@@ -152,13 +152,7 @@ fn wait_for<T: Send + 'static>(
             let _ = tx.send(v);
         }
     });
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(v) => return Some(v),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => interrupts(),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
-        }
-    }
+    wait_serving(rx, interrupts)
 }
 
 impl RabbitSink {
@@ -431,16 +425,11 @@ impl Sink for RabbitSink {
             }
         }
         let mut headers = FieldTable::default();
-        let mut kept = Vec::with_capacity(3 + ev.headers.len());
         for (k, v) in [("id", id.as_str()), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type), ("aggregateid", ev.key)]
             .into_iter()
             .chain(ev.headers.iter().copied())
         {
             headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
-            if k != "aggregateid" {
-                // The key travels in `Returned::key`.
-                kept.push((k.to_owned(), v.to_owned()));
-            }
         }
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -455,7 +444,8 @@ impl Sink for RabbitSink {
                 seq: ev.seq,
                 id: id.clone(),
                 destination: ev.destination.to_owned(),
-                parts: Returned { key: ev.key.to_owned(), value: ev.value.to_owned(), headers: kept },
+                // The key travels in `Returned::key`, not as `aggregateid`.
+                parts: Returned::of(ev, &id),
                 bytes: (ev.key.len() + ev.value.len()) as u64,
             },
             routing_key: short(ev.destination, 255).into(),
