@@ -312,10 +312,13 @@ class BrokerClient:
 
     def consume(self, topic: str, expect: int, timeout: float = 30.0, linger: float = 0.0) -> list[dict]:
         """Reads a topic from the beginning until `expect` messages arrived
-        (or the timeout passed), then `linger` seconds more to catch extras
+        and every partition was read up to the end it had at that moment (or
+        the timeout passed), then `linger` seconds more to catch extras
         (duplicates), and returns them in arrival order, each as a dict with
-        key, value, headers, partition, offset, timestamp."""
-        from confluent_kafka import Consumer, KafkaError
+        key, value, headers, partition, offset, timestamp.
+        Counting alone is not enough: with duplicates, `expect` records can
+        arrive before a slower partition's last one has."""
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
 
         c = Consumer({
             "bootstrap.servers": self.bootstrap,
@@ -325,13 +328,19 @@ class BrokerClient:
         })
         c.subscribe([topic])
         out: list[dict] = []
+        ends: dict[int, tuple[int, int]] | None = None  # partition -> watermarks once `expect` arrived
+        read_to: dict[int, int] = {}  # partition -> next offset to read
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
                 if len(out) >= expect:
-                    deadline = min(deadline, time.monotonic() + linger)
-                    if linger <= 0:
-                        break
+                    if ends is None:
+                        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+                        ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in parts}
+                    if all(read_to.get(p, lo) >= hi for p, (lo, hi) in ends.items()):
+                        deadline = min(deadline, time.monotonic() + linger)
+                        if linger <= 0:
+                            break
                 m = c.poll(0.2)
                 if m is None:
                     continue
@@ -339,6 +348,7 @@ class BrokerClient:
                     if m.error().code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                         continue
                     raise RuntimeError(f"consume {topic}: {m.error()}")
+                read_to[m.partition()] = max(read_to.get(m.partition(), 0), m.offset() + 1)
                 out.append({
                     "key": m.key(), "value": m.value(),
                     "headers": {k: (v.decode() if v is not None else None) for k, v in (m.headers() or [])},
@@ -759,22 +769,26 @@ class RabbitMQ:
             conn.close()
 
     def consume(self, queue: str, expect: int, timeout: float = 30.0, linger: float = 0.0) -> list[dict]:
-        """Reads (and acknowledges) up to `expect` messages, waiting at most
-        `timeout`, then `linger` more for any extra."""
+        """Reads (and acknowledges) messages until `expect` arrived and the
+        queue was found empty, waiting at most `timeout`, then `linger` more
+        for any extra. (With duplicates, `expect` can arrive before the
+        queue's last message: the empty queue is the end.)"""
         conn, ch = self.channel()
         out: list[dict] = []
         try:
             deadline = time.monotonic() + timeout
             extra_until = None
+            empty = False
             while True:
                 now = time.monotonic()
-                if len(out) >= expect:
+                if len(out) >= expect and empty:
                     extra_until = extra_until or now + linger
                     if now >= extra_until:
                         break
                 elif now >= deadline:
                     break
                 method, props, body = ch.basic_get(queue, auto_ack=True)
+                empty = method is None
                 if method is None:
                     time.sleep(0.02)
                     continue
