@@ -132,7 +132,7 @@ COMMIT;
 """
 
 
-def table_script(aggregatetype, table="outbox"):
+def table_script(aggregatetype, table="outbox.outbox"):
     """The application of a Debezium user: the business row and an outbox
     row in one transaction (the payload carries its write time)."""
     return f"""\\set aid random(1, 100000)
@@ -405,7 +405,7 @@ def time_to_first_event(pg, broker, name, launch, slot):
                      timeout=120, interval=0.01)
         while True:
             try:
-                c.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, '1', 'Started', '{}')", (agg,))
+                c.execute("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, '1', 'Started', '{}')", (agg,))
                 break
             except psycopg.errors.ObjectNotInPrerequisiteState:
                 time.sleep(0.01)  # the new slot is still finding its consistent point
@@ -561,7 +561,7 @@ def run_round(pg, broker, rabbit, r, last):
     res["polling"] = polling(pg, broker, "polling")
     res["polling-1k"] = polling(pg, broker, "polling-1k", rate=1000)
     with pg.connect() as c:
-        c.execute("TRUNCATE outbox, outbox_poll")
+        c.execute("TRUNCATE outbox.outbox, outbox_poll")
     res["ours-start"] = time_to_first_event(pg, broker, "start", lambda: start_ours(pg), "outbox")
     rig.wait_for_relay(pg)
     rig.log(f"round {r + 1} of {ROUNDS} done")

@@ -94,13 +94,20 @@ def install_extension(release: bool = False) -> None:
         cmd.append("--release")
     log(f"cargo pgrx install for PostgreSQL {PG_MAJOR}" + (" --release" if release else ""))
     run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    # The released 0.1.0 install script, so that a test can install 0.1.0
+    # and update it (cargo pgrx installs only the current version's script
+    # and the update scripts under sql/).
+    shutil.copy(HERE / "fixtures" / "outbox--0.1.0.sql", Path(sharedir()) / "extension" / "outbox--0.1.0.sql")
+
+
+def sharedir() -> str:
+    return subprocess.run([str(PG_CONFIG), "--sharedir"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def server_has_output_plugin_libraries() -> bool:
     """Since 15.19 (CVE-2026-6471) output plugins must be listed in
     output_plugin_libraries; older servers refuse that unknown setting."""
-    sharedir = subprocess.run([str(PG_CONFIG), "--sharedir"], capture_output=True, text=True, check=True).stdout.strip()
-    return "output_plugin_libraries" in Path(sharedir, "postgresql.conf.sample").read_text()
+    return "output_plugin_libraries" in Path(sharedir(), "postgresql.conf.sample").read_text()
 
 
 # ---------------------------------------------------------------- postgres
@@ -549,7 +556,7 @@ class DebeziumConnect:
                    "value.converter": "org.apache.kafka.connect.storage.StringConverter"},
     }
 
-    def __init__(self, pg: "Postgres", broker: BrokerClient, run_dir: Path = RUN, table: str = "public.outbox",
+    def __init__(self, pg: "Postgres", broker: BrokerClient, run_dir: Path = RUN, table: str = "outbox.outbox",
                  converters: str = "json", router: dict[str, str] | None = None,
                  connector: dict[str, str] | None = None, worker: dict[str, str] | None = None,
                  slot: str = "debezium"):

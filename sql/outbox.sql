@@ -1,5 +1,7 @@
--- outbox: the extension's SQL objects, created in the schema chosen at
--- CREATE EXTENSION (by default the first schema of search_path).
+-- outbox: the extension's SQL objects. Functions, the dead-letter table
+-- and the status view are created in the schema chosen at CREATE EXTENSION
+-- (by default the first schema of search_path); the Debezium-style table is
+-- outbox.outbox, in a schema of its own (see below).
 
 -- Events are JSON sent to Kafka as UTF-8, and outbox_emit() refuses text it
 -- cannot send as is: in a database of another encoding the outbox table's
@@ -41,11 +43,29 @@ AS $$
     )
 $$;
 
+-- The extension's own table lives in schema "outbox", a member of the
+-- extension (dropped with it): the most common name of a Debezium outbox
+-- table is "outbox", and the databases that have one (in public or any
+-- schema of the path) must be able to install the extension beside it.
+-- The relay finds its table by extension membership, never by schema.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
+        RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'The extension keeps its own table in a schema named outbox, which it creates and owns.',
+                  HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...), then install or update the extension again. The functions can go in another schema: CREATE EXTENSION outbox SCHEMA <name>.';
+    END IF;
+END
+$$;
+CREATE SCHEMA outbox;
+COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
+
 -- The Debezium-style outbox table: code that already inserts rows with
 -- these columns works unchanged. Rows are published like outbox_emit()'s
 -- events; the constraints and the guard trigger refuse, at INSERT, a row
 -- the relay could not publish.
-CREATE TABLE outbox (
+CREATE TABLE outbox.outbox (
     id            uuid        NOT NULL DEFAULT gen_random_uuid() PRIMARY KEY,
     aggregatetype text        NOT NULL CONSTRAINT outbox_aggregatetype_not_empty CHECK (aggregatetype <> ''),
     aggregateid   text        NOT NULL CONSTRAINT outbox_aggregateid_not_empty CHECK (aggregateid <> ''),
@@ -55,14 +75,14 @@ CREATE TABLE outbox (
     created_at    timestamptz NOT NULL DEFAULT now()
 );
 
-COMMENT ON TABLE outbox IS 'Debezium-style outbox: inserted rows are published to Kafka by the outbox relay';
+COMMENT ON TABLE outbox.outbox IS 'Debezium-style outbox: inserted rows are published to Kafka by the outbox relay';
 
 -- Same checks as outbox_emit() that need settings or server state: the
 -- topic the row routes to, its size as a Kafka record, the slot, the database.
 CREATE FUNCTION outbox_table_guard() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_table_guard';
 
-CREATE TRIGGER outbox_guard BEFORE INSERT ON outbox
+CREATE TRIGGER outbox_guard BEFORE INSERT ON outbox.outbox
 FOR EACH ROW EXECUTE FUNCTION outbox_table_guard();
 
 -- Writes one event as a transactional logical decoding message; no table row.
@@ -177,11 +197,12 @@ REVOKE ALL ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) FROM PU
 REVOKE ALL ON FUNCTION outbox_table_guard() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_row_trigger() FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_drain(integer, pg_lsn) FROM PUBLIC;
-REVOKE ALL ON TABLE outbox FROM PUBLIC;
+REVOKE ALL ON TABLE outbox.outbox FROM PUBLIC;
 REVOKE ALL ON TABLE outbox_dead_letter FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_emit_with_id(uuid, text, text, text, jsonb, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION outbox_dead_letter_republish(uuid) FROM PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_row_trigger() TO outbox_producer;
-GRANT INSERT ON TABLE outbox TO outbox_producer;
+GRANT USAGE ON SCHEMA outbox TO outbox_producer;
+GRANT INSERT ON TABLE outbox.outbox TO outbox_producer;

@@ -109,7 +109,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.as_bytes()[6] >> 4, 7, "version nibble");
         // No table row: emit writes a logical message only.
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox").unwrap(), Some(0));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM outbox.outbox").unwrap(), Some(0));
     }
 
     #[pg_test(error = "outbox event aggregate type must not be NULL")]
@@ -146,10 +146,10 @@ mod tests {
     #[pg_test]
     fn table_accepts_debezium_style_rows_with_defaults() {
         ensure_slot();
-        Spi::run("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', '7', 'OrderPlaced', '{}')")
+        Spi::run("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', '7', 'OrderPlaced', '{}')")
             .unwrap();
         let (headers, has_id, has_time) = Spi::get_three::<pgrx::JsonB, bool, bool>(
-            "SELECT headers, id IS NOT NULL, created_at IS NOT NULL FROM outbox WHERE aggregateid = '7'",
+            "SELECT headers, id IS NOT NULL, created_at IS NOT NULL FROM outbox.outbox WHERE aggregateid = '7'",
         )
         .unwrap();
         assert_eq!(headers.unwrap().0, serde_json::json!({}));
@@ -160,7 +160,7 @@ mod tests {
     fn table_refuses_oversized_rows() {
         ensure_slot();
         Spi::run(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload)
+            "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload)
              VALUES ('A', '1', 'T', to_jsonb(repeat('x', 1000000)))",
         )
         .unwrap();

@@ -85,7 +85,7 @@ fn drain_target() -> u64 {
 // the type cannot be aliased.
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_safe)]
-fn outbox_relay_status() -> TableIterator<
+fn outbox_relay_status(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     'static,
     (
         name!(pid, Option<i32>),
@@ -111,6 +111,7 @@ fn outbox_relay_status() -> TableIterator<
         name!(sink, String),
     ),
 > {
+    check_declared_columns(fcinfo, "outbox_relay_status()", &STATUS_COLUMNS);
     let shared = relay_shared();
     let s = shared.snapshot();
     // One read: message and time from the same write.
@@ -151,6 +152,50 @@ fn outbox_relay_status() -> TableIterator<
         error.and_then(|(_, t)| pgrx::datum::TimestampWithTimeZone::try_from(t).ok()),
         settings::amqp::sink_name().to_owned(),
     ))
+}
+
+/// The types of `outbox_relay_status()`'s columns, in order.
+const STATUS_COLUMNS: [pg_sys::Oid; 21] = {
+    use pg_sys::{BOOLOID as B, FLOAT8OID as F, INT4OID as I, INT8OID as L, TEXTOID as T, TIMESTAMPTZOID as Z};
+    [I, T, T, T, L, F, L, L, L, L, L, L, L, L, L, L, L, B, T, Z, T]
+};
+
+/// Refuses to return rows other than the ones the function's SQL
+/// declaration describes. The library and the extension's SQL objects can
+/// differ in version (a new library is loaded at restart, the SQL changes
+/// at ALTER EXTENSION outbox UPDATE), and PostgreSQL forms the result row
+/// from the declared types: a bigint where text is declared would be read
+/// as a pointer and take the server down.
+fn check_declared_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, ours: &[pg_sys::Oid]) {
+    let mut desc: pg_sys::TupleDesc = std::ptr::null_mut();
+    // SAFETY: fcinfo is this call's, from PostgreSQL; get_call_result_type
+    // only reads the function's catalog entry (through pgrx's guarded
+    // binding) and hands back a descriptor valid for this call, which is
+    // copied (pgrx reads the copy's attributes in each major's layout).
+    let declared: Vec<pg_sys::Oid> = unsafe {
+        let class = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut desc);
+        if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || desc.is_null() {
+            Vec::new()
+        } else {
+            let desc = pgrx::PgTupleDesc::from_pg_copy(desc);
+            (0..desc.len()).filter_map(|i| desc.get(i)).map(|a| a.atttypid).collect()
+        }
+    };
+    if declared != ours {
+        let installed = Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'outbox'")
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "unknown".into());
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "{function} of the outbox library {} does not match the extension's SQL objects (version {installed})",
+                env!("CARGO_PKG_VERSION")
+            ),
+            Some(format!("The SQL declares {} columns, the library returns {}.", declared.len(), ours.len())),
+            Some("Run ALTER EXTENSION outbox UPDATE in this database: it brings the SQL objects to the library's version.".into()),
+        );
+    }
 }
 
 /// `outbox_relay_resume()`: a relay stopped on a bad event restarts and

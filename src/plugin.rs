@@ -250,38 +250,19 @@ fn not_an_event(at: pg_sys::XLogRecPtr, why: &str) {
     }
 }
 
-/// Looks up the schema the extension is installed in by scanning
-/// pg_extension (PG15 has no exported helper for it).
-unsafe fn extension_namespace() -> Option<pg_sys::Oid> {
-    // SAFETY: a catalog scan by name on pg_extension with its own index, in
-    // the (historic) snapshot decoding has set up; the tuple is read before
-    // the scan ends.
-    unsafe {
-        let rel = pg_sys::table_open(pg_sys::ExtensionRelationId, pg_sys::AccessShareLock as i32);
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            pg_sys::Anum_pg_extension_extname as i16,
-            pg_sys::BTEqualStrategyNumber as u16,
-            pg_sys::F_NAMEEQ.into(),
-            pg_sys::Datum::from(c"outbox".as_ptr()),
-        );
-        let scan = pg_sys::systable_beginscan(rel, pg_sys::Oid::from(pg_sys::ExtensionNameIndexId), true, std::ptr::null_mut(), 1, &mut key);
-        let tup = pg_sys::systable_getnext(scan);
-        let ns = if tup.is_null() {
-            None
-        } else {
-            let form = pg_sys::GETSTRUCT(tup) as *mut pg_sys::FormData_pg_extension;
-            Some((*form).extnamespace)
-        };
-        pg_sys::systable_endscan(scan);
-        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
-        ns
-    }
-}
-
+/// Whether a relation is the extension's own table: named `outbox` and a
+/// member of the extension (pg_depend), read in the historic snapshot of the
+/// change. Membership, not the schema: 0.2.0 moved the table from the
+/// extension's schema into schema `outbox` (same OID), so rows committed
+/// before `ALTER EXTENSION outbox UPDATE` and rows committed after it are
+/// recognised alike, and a user's own table named `outbox` is not ours.
 unsafe fn is_outbox_table(st: &mut State, relation: pg_sys::Relation) -> bool {
-    // SAFETY: relation is the open relation of the change being replayed.
+    // SAFETY: relation is the open relation of the change being replayed;
+    // get_extension_oid and getExtensionOfObject are catalog scans (by name
+    // on pg_extension, by object on pg_depend, each with its index) that
+    // decoding allows in a change callback (the historic snapshot is the
+    // catalog snapshot). An ERROR from them crosses pgrx's FFI guard as a
+    // Rust panic that the callback's #[pg_guard] raises again as the ERROR.
     unsafe {
         let relid = (*relation).rd_id;
         if let Some(&known) = st.is_outbox.get(&relid) {
@@ -289,7 +270,10 @@ unsafe fn is_outbox_table(st: &mut State, relation: pg_sys::Relation) -> bool {
         }
         let form = (*relation).rd_rel;
         let name = CStr::from_ptr((*form).relname.data.as_ptr());
-        let yes = name.to_bytes() == b"outbox" && extension_namespace() == Some((*form).relnamespace);
+        let yes = name.to_bytes() == b"outbox" && {
+            let ext = pg_sys::get_extension_oid(c"outbox".as_ptr(), true);
+            ext != pg_sys::InvalidOid && pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid) == ext
+        };
         st.is_outbox.insert(relid, yes);
         yes
     }

@@ -51,9 +51,9 @@ def publish_both(db, broker, dbz_broker, converters):
         with db.connect() as c:
             with c.transaction():
                 for key, payload in zip(KEYS, PAYLOADS):
-                    c.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, %s, 'Placed', %s::jsonb)",
+                    c.execute("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, %s, 'Placed', %s::jsonb)",
                               (aggregatetype, key, json.dumps(payload)))
-            c.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, 'solo', 'Placed', '{\"own\": 1}')",
+            c.execute("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES (%s, 'solo', 'Placed', '{\"own\": 1}')",
                       (aggregatetype,))
         rig.drain(db)
         n = len(PAYLOADS) + 1

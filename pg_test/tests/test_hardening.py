@@ -114,13 +114,13 @@ def test_d2_worker_sql_ignores_functions_and_operators_planted_on_its_search_pat
         set_conf(db, "outbox.kafka_properties", "message.max.bytes=20000", restarts_relay=True)
         row_id = str(uuid.uuid4())
         p.execute(
-            "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES (%s, 'Order', 'k', 'T', '{}')", (row_id,)
+            "INSERT INTO outbox.outbox (id, aggregatetype, aggregateid, type, payload) VALUES (%s, 'Order', 'k', 'T', '{}')", (row_id,)
         )
         big = emit(p, topic, "k", {"blob": "x" * 30000})
         rig.drain(db)
         assert not is_superuser(db, "planter")
         with db.connect() as c:
-            assert c.execute("SELECT count(*) FROM outbox WHERE id = %s", (row_id,)).fetchone()[0] == 0, "row deleted"
+            assert c.execute("SELECT count(*) FROM outbox.outbox WHERE id = %s", (row_id,)).fetchone()[0] == 0, "row deleted"
             dl = c.execute("SELECT id, committed_at > now() - interval '1 hour' FROM outbox_dead_letter").fetchall()
         assert [(str(i), recent) for i, recent in dl] == [(str(big), True)]
     finally:

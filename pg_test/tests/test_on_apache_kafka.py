@@ -185,7 +185,7 @@ def test_d12_table_path_worker_memory_is_flat_in_a_large_transaction(kpg, kafka)
         with AnonPeak(rig.relay_pid(kpg)) as mem:
             with kpg.connect() as c:
                 c.execute(
-                    "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) "
+                    "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) "
                     "SELECT %s, (i %% 100)::text, 'T', jsonb_build_object('i', i, 'pad', repeat(md5(i::text), 128)) "
                     "FROM generate_series(1, %s) i",
                     (agg, n),

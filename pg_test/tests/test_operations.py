@@ -88,7 +88,7 @@ def test_wal_guard_refuses_events_past_the_limit_and_recovers(db, broker):
             assert "outbox.max_retained_wal allows 1.0 MB" in msg and "retains" in msg, msg
             assert "outbox_status" in refused.diag.message_hint
             # The table path is guarded the same way.
-            e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+            e = sqlstate_of(c, "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
             assert e.sqlstate == "53400"
             assert 8 <= len(accepted) <= 12, len(accepted)  # ~1 MB of 100 kB events
         rig.wait_for("the relay's warning", lambda: "past outbox.max_retained_wal" in db.log_text(), timeout=10)

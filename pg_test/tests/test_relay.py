@@ -75,10 +75,10 @@ def test_default_topic_template_and_table_rows(db, broker):
     agg = rig.unique_topic("Agg").replace(".", "_")  # a fresh aggregate type => a fresh topic
     with db.connect() as c:
         c.execute(
-            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) VALUES (%s, 'c-1', 'Created', '{\"a\": 1}', '{\"h\": \"v\"}')",
+            "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload, headers) VALUES (%s, 'c-1', 'Created', '{\"a\": 1}', '{\"h\": \"v\"}')",
             (agg,),
         )
-        row_id = c.execute("SELECT id FROM outbox WHERE aggregatetype = %s", (agg,)).fetchone()[0]
+        row_id = c.execute("SELECT id FROM outbox.outbox WHERE aggregatetype = %s", (agg,)).fetchone()[0]
         c.execute("SELECT outbox_emit(%s, 'c-1', 'Renamed', '{\"a\": 2}')", (agg,))
     rig.drain(db)
     got = broker.consume(f"outbox.event.{agg}", expect=2)
@@ -86,7 +86,7 @@ def test_default_topic_template_and_table_rows(db, broker):
     assert got[0]["headers"]["id"] == str(row_id) and got[0]["headers"]["h"] == "v"
     with db.connect() as c:
         # Published rows are deleted by the relay (outbox.delete_published_rows).
-        assert c.execute("SELECT count(*) FROM outbox WHERE aggregatetype = %s", (agg,)).fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM outbox.outbox WHERE aggregatetype = %s", (agg,)).fetchone()[0] == 0
 
 
 def test_concurrent_producers_exactly_once_in_per_aggregate_order(db, broker):

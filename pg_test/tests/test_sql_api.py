@@ -72,7 +72,7 @@ def test_other_database_is_refused(db):
         e = sqlstate_of(c, EMIT, args())
         assert e.sqlstate == "55000"
         assert 'only be written in database "outbox_test", not "elsewhere"' in str(e)
-        e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+        e = sqlstate_of(c, "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
         assert e.sqlstate == "55000"
 
 
@@ -89,7 +89,7 @@ def test_missing_or_foreign_slot_is_refused_with_the_fix():
         e = sqlstate_of(c, EMIT, args())
         assert e.sqlstate == "55000" and 'slot "outbox" does not exist' in str(e)
         assert "pg_create_logical_replication_slot('outbox', 'outbox')" in e.diag.message_hint
-        e = sqlstate_of(c, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+        e = sqlstate_of(c, "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
         assert 'slot "outbox" does not exist' in str(e)
         c.execute("SELECT pg_create_logical_replication_slot('outbox', 'test_decoding')")
         e = sqlstate_of(c, EMIT, args())
@@ -115,7 +115,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("values, sqlstate, message, constraint", BAD_ROWS)
 def test_table_rejects_bad_rows(db, values, sqlstate, message, constraint):
-    insert = f"INSERT INTO outbox (aggregatetype, aggregateid, type, payload, headers) VALUES {values}"
+    insert = f"INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload, headers) VALUES {values}"
     with db.connect() as c:
         e = sqlstate_of(c, insert)
         assert e.sqlstate == sqlstate, e
@@ -164,7 +164,7 @@ def test_privileges_producer_role_only(db):
     plain = db.connect(user="plain_user")
     e = sqlstate_of(plain, EMIT, args())
     assert e.sqlstate == "42501" and "permission denied for function outbox_emit" in str(e)
-    e = sqlstate_of(plain, "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+    e = sqlstate_of(plain, "INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
     assert e.sqlstate == "42501"
     plain.execute("CREATE TABLE plain_t (id int)")
     e = sqlstate_of(plain, "CREATE TRIGGER t AFTER INSERT ON plain_t FOR EACH ROW EXECUTE FUNCTION outbox_row_trigger('A', 'id')")
@@ -173,10 +173,10 @@ def test_privileges_producer_role_only(db):
 
     prod = db.connect(user="producer_user")
     assert prod.execute(EMIT, args()).fetchone()[0]
-    prod.execute("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
+    prod.execute("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) VALUES ('A', '1', 'T', '{}')")
     # Insert only: no reading or deleting others' events, no slot access.
-    assert sqlstate_of(prod, "SELECT * FROM outbox").sqlstate == "42501"
-    assert sqlstate_of(prod, "DELETE FROM outbox").sqlstate == "42501"
+    assert sqlstate_of(prod, "SELECT * FROM outbox.outbox").sqlstate == "42501"
+    assert sqlstate_of(prod, "DELETE FROM outbox.outbox").sqlstate == "42501"
     assert sqlstate_of(prod, "SELECT pg_drop_replication_slot('outbox')").sqlstate == "42501"
     assert sqlstate_of(prod, "SELECT * FROM pg_logical_slot_peek_changes('outbox', NULL, NULL)").sqlstate == "42501"
     assert sqlstate_of(prod, "SHOW outbox.kafka_properties").sqlstate == "42501"

@@ -128,24 +128,42 @@ impl Relay {
         self.extension_schema.clone()
     }
 
-    /// Deletes the outbox-table rows whose events are settled.
+    /// Deletes the outbox-table rows whose events are settled. The table is
+    /// found by extension membership in the deleting transaction itself, not
+    /// cached: `ALTER EXTENSION outbox UPDATE` from 0.1.0 moves it from the
+    /// extension's schema into schema `outbox` while the relay runs.
     fn delete_published_rows(&mut self, ids: &[[u8; 16]]) {
         if ids.is_empty() || !settings::delete_published_rows() {
             return;
         }
-        let Some(schema) = self.schema() else { return };
         for chunk in ids.chunks(1000) {
             let list: Vec<String> = chunk.iter().map(outbox_core::format_uuid).collect();
-            let sql = format!(
-                "DELETE FROM {schema}.outbox WHERE id OPERATOR(pg_catalog.=) ANY ('{{{}}}'::pg_catalog.uuid[])",
-                list.join(",")
-            );
-            BackgroundWorker::transaction(|| Spi::run(&sql)).unwrap_or_else(|e| {
-                error!("outbox relay: could not delete published outbox rows: {e}")
-            });
+            let list = list.join(",");
+            BackgroundWorker::transaction(|| -> Result<(), pgrx::spi::Error> {
+                let Some(table) = Spi::get_one::<String>(OWN_TABLE)? else { return Ok(()) };
+                Spi::run(&format!(
+                    "DELETE FROM {table} WHERE id OPERATOR(pg_catalog.=) ANY ('{{{list}}}'::pg_catalog.uuid[])"
+                ))
+            })
+            .unwrap_or_else(|e| error!("outbox relay: could not delete published outbox rows: {e}"));
         }
     }
 }
+
+/// The extension's own table, schema-qualified and quoted: the member of
+/// extension `outbox` named `outbox` (the plugin recognises its rows the
+/// same way). Every function and operator is named with its schema.
+const OWN_TABLE: &str = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+       FROM pg_catalog.pg_extension e
+       JOIN pg_catalog.pg_depend d ON d.refobjid OPERATOR(pg_catalog.=) e.oid
+        AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+        AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+        AND d.deptype OPERATOR(pg_catalog.=) 'e'::pg_catalog.\"char\"
+       JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.objid
+       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+      WHERE e.extname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name
+        AND c.relname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name
+        AND c.relkind OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\"";
 
 /// Logs each crossing of the WAL guard's fractions once.
 pub fn watch_wal(watch: &mut wal_guard::Watch, retained: u64) {

@@ -1,0 +1,169 @@
+"""ALTER EXTENSION outbox UPDATE from 0.1.0 as released (its install script
+is kept in pg_test/fixtures), with events in flight across it, and the
+extension's own table in schema outbox, beside a user's table named outbox."""
+
+import json
+
+import rig
+from helpers import sqlstate_of
+
+ROWS = "INSERT INTO {table} (aggregatetype, aggregateid, type, payload) VALUES (%s, 'k', 'T', %s::jsonb)"
+
+
+def emit(c, agg, n):
+    c.execute("SELECT outbox_emit(%s, 'k', 'T', %s::jsonb, '{}', %s)", (agg, json.dumps({"n": n}), f"outbox.event.{agg}"))
+
+
+def extension_catalog(pg: rig.Postgres, dbname: str) -> dict:
+    """Everything the extension's scripts made, by name: its member objects
+    and, for each, the definition, options, grants and comment PostgreSQL
+    keeps (OIDs aside), plus the tables' columns, constraints, indexes and
+    triggers."""
+    q = {
+        "members": """
+            SELECT pg_describe_object(classid, objid, 0) FROM pg_depend
+             WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+               AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'outbox')""",
+        "functions": """
+            SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid), p.prosecdef, p.proconfig::text,
+                   p.proacl::text, obj_description(p.oid, 'pg_proc')
+              FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
+              JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox'""",
+        "relations": """
+            SELECT c.oid::regclass::text, c.relkind::text, c.relacl::text, obj_description(c.oid, 'pg_class'),
+                   CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END
+              FROM pg_class c JOIN pg_depend d ON d.objid = c.oid AND d.classid = 'pg_class'::regclass AND d.deptype = 'e'
+              JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox'""",
+        "columns": """
+            SELECT a.attrelid::regclass::text, a.attnum, a.attname::text, format_type(a.atttypid, a.atttypmod),
+                   a.attnotnull, pg_get_expr(ad.adbin, ad.adrelid)
+              FROM pg_attribute a LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+             WHERE a.attrelid IN ('outbox.outbox'::regclass, 'outbox_dead_letter'::regclass, 'outbox_status'::regclass)
+               AND a.attnum > 0 AND NOT a.attisdropped""",
+        "constraints": """
+            SELECT conrelid::regclass::text, conname::text, pg_get_constraintdef(oid) FROM pg_constraint
+             WHERE conrelid IN ('outbox.outbox'::regclass, 'outbox_dead_letter'::regclass)""",
+        "indexes": """
+            SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index
+             WHERE indrelid IN ('outbox.outbox'::regclass, 'outbox_dead_letter'::regclass)""",
+        "triggers": """
+            SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger
+             WHERE tgrelid IN ('outbox.outbox'::regclass, 'outbox_dead_letter'::regclass)""",
+        "schemas": """
+            SELECT nspname::text, nspacl::text, obj_description(oid, 'pg_namespace') FROM pg_namespace
+             WHERE nspname IN ('outbox', 'public')""",
+        "dumped": "SELECT extconfig::regclass[]::text, extcondition::text FROM pg_extension WHERE extname = 'outbox'",
+    }
+    with pg.connect(dbname) as c:
+        return {k: sorted(tuple(map(str, r)) for r in c.execute(sql).fetchall()) for k, sql in q.items()}
+
+
+def test_update_from_0_1_0_with_events_in_flight(pg, broker):
+    """0.1.0 installed and publishing; the relay then off while events
+    commit (in the table, then still in the extension's schema, and through
+    outbox_emit()); ALTER EXTENSION outbox UPDATE moves the table; more
+    events; a user's own table named outbox created beside it; the relay
+    on again. Every event once, in order, the moved table's rows deleted
+    once published, and the updated catalog the same as a fresh install's."""
+    agg = rig.unique_topic("Up").replace(".", "_")
+    topic = f"outbox.event.{agg}"
+    pg = rig.Postgres(run_dir=rig.RUN / "upgrade", port=rig.PG_PORT + 18)  # (after `pg` installed the library)
+    pg.init()
+    pg.start()
+    try:
+        pg.create_database()
+        with pg.connect() as c:
+            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
+            rig.wait_for("the relay's slot", lambda: c.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone() == (True,))
+            # The 0.2.0 library under 0.1.0's SQL: its status function
+            # declares other columns. A clear error, not a crashed server.
+            e = sqlstate_of(c, "SELECT * FROM outbox_status")
+            assert e.sqlstate == "55000", e
+            assert "(version 0.1.0)" in str(e) and "ALTER EXTENSION outbox UPDATE" in e.diag.message_hint
+            emit(c, agg, 0)
+            c.execute(ROWS.format(table="outbox"), (agg, json.dumps({"n": 1})))
+            assert c.execute("SELECT to_regclass('public.outbox') IS NOT NULL").fetchone()[0], "0.1.0's layout"
+            assert c.execute("SELECT outbox_drain(60000)").fetchone()[0]
+            assert c.execute("SELECT count(*) FROM public.outbox").fetchone()[0] == 0, "published rows deleted"
+
+            # The relay off: what commits now waits in WAL across the update.
+            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
+            c.execute("SELECT pg_reload_conf()")
+            rig.wait_for("the relay to release its slot", lambda: c.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone() == (False,))
+            c.execute(ROWS.format(table="outbox"), (agg, json.dumps({"n": 2})))
+            emit(c, agg, 3)
+
+            c.execute("ALTER EXTENSION outbox UPDATE")
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'outbox'").fetchone()[0] == "0.2.0"
+            assert c.execute("SELECT to_regclass('public.outbox')").fetchone()[0] is None
+            assert c.execute("SELECT count(*) FROM outbox.outbox").fetchone()[0] == 1, "the row in flight moved"
+            c.execute(ROWS.format(table="outbox.outbox"), (agg, json.dumps({"n": 4})))
+            emit(c, agg, 5)
+            # A user's own table named outbox (Debezium's usual name) now
+            # fits beside the extension; its rows are not the extension's.
+            c.execute("CREATE TABLE public.outbox (LIKE outbox.outbox INCLUDING DEFAULTS)")
+            c.execute(ROWS.format(table="public.outbox"), (agg, json.dumps({"n": 99})))
+
+            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
+            c.execute("SELECT pg_reload_conf()")
+        status = rig.wait_for_relay(pg)
+        assert status["sink"] == "kafka"
+        rig.drain(pg)
+        got = broker.consume(topic, expect=6, timeout=60, linger=1.5)
+        assert [json.loads(m["value"])["n"] for m in got] == [0, 1, 2, 3, 4, 5]
+        with pg.connect() as c:
+            assert c.execute("SELECT count(*) FROM outbox.outbox").fetchone()[0] == 0, "published rows deleted"
+            assert c.execute("SELECT count(*) FROM public.outbox").fetchone()[0] == 1, "the user's row left alone"
+
+        # A fresh install (beside a user's table named outbox) and the
+        # updated one have the same catalog.
+        pg.create_database("fresh")
+        with pg.connect("fresh") as c:
+            c.execute("CREATE TABLE public.outbox (id bigint PRIMARY KEY, payload jsonb)")
+            c.execute("CREATE EXTENSION outbox")
+        updated, fresh = extension_catalog(pg, rig.DATABASE), extension_catalog(pg, "fresh")
+        assert updated["members"] and updated["functions"] and updated["columns"]
+        for part in updated:
+            assert updated[part] == fresh[part], f"{part} differ after the update:\n{updated[part]}\n{fresh[part]}"
+    finally:
+        pg.stop(mode="immediate", check=False)
+
+
+def test_a_schema_named_outbox_is_refused_with_the_fix(db):
+    """The extension owns schema outbox; a database that has one gets a
+    clear error at CREATE EXTENSION (and at the update), nothing half made."""
+    with db.connect("postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS schema_taken")
+        c.execute("CREATE DATABASE schema_taken")
+    try:
+        with db.connect("schema_taken") as c:
+            c.execute("CREATE SCHEMA outbox")
+            c.execute("CREATE TABLE outbox.outbox (id uuid)")
+            e = sqlstate_of(c, "CREATE EXTENSION outbox")
+            assert e.sqlstate == "42P06", e
+            assert 'schema "outbox" already exists' in str(e) and "ALTER SCHEMA outbox RENAME" in e.diag.message_hint
+            assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'outbox'").fetchone()[0] == 0
+            c.execute("ALTER SCHEMA outbox RENAME TO app_outbox")
+            c.execute("CREATE EXTENSION outbox")
+            assert c.execute("SELECT count(*) FROM app_outbox.outbox").fetchone()[0] == 0
+    finally:
+        with db.connect("postgres") as c:
+            c.execute("DROP DATABASE schema_taken")
+
+
+def test_drop_extension_drops_its_schema_and_only_it(db):
+    with db.connect("postgres") as c:
+        c.execute("DROP DATABASE IF EXISTS drop_ext")
+        c.execute("CREATE DATABASE drop_ext")
+    try:
+        with db.connect("drop_ext") as c:
+            c.execute("CREATE TABLE public.outbox (id bigint)")
+            c.execute("CREATE EXTENSION outbox")
+            c.execute("DROP EXTENSION outbox")
+            assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'").fetchone()[0] == 0
+            assert c.execute("SELECT to_regclass('public.outbox')::text").fetchone()[0] == "outbox"
+    finally:
+        with db.connect("postgres") as c:
+            c.execute("DROP DATABASE drop_ext")

@@ -1,0 +1,98 @@
+-- outbox 0.1.0 -> 0.2.0, run by ALTER EXTENSION outbox UPDATE once the
+-- 0.2.0 library is installed and loaded (shared_preload_libraries: restart
+-- the server first). Like every extension script it runs with
+-- search_path = @extschema@, pg_temp. The result is the catalog a fresh
+-- CREATE EXTENSION outbox gives (pg_test/tests/test_upgrade.py compares
+-- them object by object).
+--
+-- Events in flight are safe across it: the relay recognises the outbox
+-- table's rows by extension membership (the table keeps its OID when it
+-- moves), so rows committed before the update and rows committed after it
+-- are published alike, and a stopped relay resumes where it confirmed.
+
+\echo Use "ALTER EXTENSION outbox UPDATE" to load this file. \quit
+
+-- A fresh install refuses a database whose encoding is not UTF8; 0.1.0 did
+-- not check. Events are JSON sent as UTF-8: the update is refused there too.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'outbox requires a UTF8 database; database "%" uses %',
+                pg_catalog.current_database(), pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Events are JSON and Kafka records carry UTF-8. Create the database with ENCODING ''UTF8'' (TEMPLATE template0) and install outbox there.';
+    END IF;
+END
+$$;
+
+-- 1. The table moves into schema "outbox", so that a user's own table named
+-- outbox (the usual name of a Debezium outbox table) can live beside the
+-- extension. Same OID, rows, constraints, index, guard trigger and grants.
+-- It takes an ACCESS EXCLUSIVE lock on the table for the moment of the
+-- move (outbox_emit() does not touch the table). Code that inserts into
+-- the table unqualified must name it outbox.outbox afterwards, or put
+-- schema outbox on its search_path.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
+        RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'The extension keeps its own table in a schema named outbox, which it creates and owns.',
+                  HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...), then install or update the extension again. The functions can go in another schema: CREATE EXTENSION outbox SCHEMA <name>.';
+    END IF;
+END
+$$;
+CREATE SCHEMA outbox;
+COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
+ALTER TABLE @extschema@.outbox SET SCHEMA outbox;
+GRANT USAGE ON SCHEMA outbox TO outbox_producer;
+
+-- 2. Hardening (issue 9). The row trigger is no longer SECURITY DEFINER:
+-- the row becomes JSON with the rights of whoever writes the table, and
+-- only the message is written by the library. CREATE OR REPLACE keeps the
+-- function's OID (existing user triggers keep working) and its grants, and
+-- resets every property it does not name (SECURITY DEFINER, its SET).
+CREATE OR REPLACE FUNCTION outbox_row_trigger() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_row_trigger';
+
+-- The headers check runs with a pinned search_path, like every function
+-- that runs in a privileged context.
+ALTER FUNCTION outbox_headers_valid(jsonb) SET search_path = pg_catalog, pg_temp;
+
+-- 3. The status gained columns (forged_messages, unverified_events, sink):
+-- a function's result columns cannot change in place, so it and the view
+-- over it are made again, with the same grants.
+DROP VIEW outbox_status;
+DROP FUNCTION outbox_relay_status();
+CREATE FUNCTION "outbox_relay_status"() RETURNS TABLE (
+	"pid" INT,
+	"state" TEXT,
+	"slot_name" TEXT,
+	"confirmed_lsn" TEXT,
+	"lag_bytes" bigint,
+	"lag_seconds" double precision,
+	"retained_wal_bytes" bigint,
+	"max_retained_wal_bytes" bigint,
+	"events_published" bigint,
+	"bytes_published" bigint,
+	"events_in_flight" bigint,
+	"retries" bigint,
+	"dead_letters" bigint,
+	"forged_messages" bigint,
+	"unverified_events" bigint,
+	"worker_starts" bigint,
+	"peak_rss_kb" bigint,
+	"broker_reachable" bool,
+	"last_error" TEXT,
+	"last_error_at" timestamp with time zone,
+	"sink" TEXT
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'outbox_relay_status_wrapper';
+CREATE VIEW outbox_status AS SELECT * FROM outbox_relay_status();
+COMMENT ON VIEW outbox_status IS 'The outbox relay: state, lag, counters, last error (from shared memory, lock-free)';
+REVOKE ALL ON FUNCTION outbox_relay_status() FROM PUBLIC;
+REVOKE ALL ON outbox_status FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox_relay_status() TO pg_monitor;
+GRANT SELECT ON outbox_status TO pg_monitor;
