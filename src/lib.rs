@@ -171,11 +171,11 @@ mod tests {
         let privs = Spi::get_one::<String>(
             "SELECT string_agg(p, ',' ORDER BY p) FROM (VALUES
                 ('public-emit:' || has_function_privilege('public', 'outbox_emit(text,text,text,jsonb,jsonb,text)', 'EXECUTE')),
-                ('public-insert:' || has_table_privilege('public', 'outbox', 'INSERT')),
+                ('public-insert:' || has_table_privilege('public', 'outbox.outbox', 'INSERT')),
                 ('producer-emit:' || has_function_privilege('outbox_producer', 'outbox_emit(text,text,text,jsonb,jsonb,text)', 'EXECUTE')),
-                ('producer-insert:' || has_table_privilege('outbox_producer', 'outbox', 'INSERT')),
-                ('producer-select:' || has_table_privilege('outbox_producer', 'outbox', 'SELECT')),
-                ('producer-delete:' || has_table_privilege('outbox_producer', 'outbox', 'DELETE'))
+                ('producer-insert:' || has_table_privilege('outbox_producer', 'outbox.outbox', 'INSERT')),
+                ('producer-select:' || has_table_privilege('outbox_producer', 'outbox.outbox', 'SELECT')),
+                ('producer-delete:' || has_table_privilege('outbox_producer', 'outbox.outbox', 'DELETE'))
              ) AS t(p)",
         )
         .unwrap()
