@@ -24,6 +24,7 @@ def broker():
 def pg(broker):
     if not os.environ.get("OUTBOX_SKIP_INSTALL"):
         rig.install_extension()
+    rig.install_released_scripts()
     p = rig.Postgres()
     p.init()
     p.start()

@@ -94,9 +94,12 @@ def install_extension(release: bool = False) -> None:
         cmd.append("--release")
     log(f"cargo pgrx install for PostgreSQL {PG_MAJOR}" + (" --release" if release else ""))
     run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
-    # The released 0.1.0 install script, so that a test can install 0.1.0
-    # and update it (cargo pgrx installs only the current version's script
-    # and the update scripts under sql/).
+
+
+def install_released_scripts() -> None:
+    """The released 0.1.0 install script, so that a test can install 0.1.0
+    and update it (cargo pgrx installs only the current version's script
+    and the update scripts under sql/)."""
     shutil.copy(HERE / "fixtures" / "outbox--0.1.0.sql", Path(sharedir()) / "extension" / "outbox--0.1.0.sql")
 
 

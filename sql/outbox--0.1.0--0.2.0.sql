@@ -13,45 +13,78 @@
 \echo Use "ALTER EXTENSION outbox UPDATE" to load this file. \quit
 
 -- A fresh install refuses a database whose encoding is not UTF8; 0.1.0 did
--- not check. Events are JSON sent as UTF-8: the update is refused there too.
+-- not check. The update goes on there (it carries the hardening below),
+-- with a warning: events are JSON sent as UTF-8.
 DO $$
 BEGIN
     IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
-        RAISE EXCEPTION 'outbox requires a UTF8 database; database "%" uses %',
+        RAISE WARNING 'outbox requires a UTF8 database; database "%" uses %',
                 pg_catalog.current_database(), pg_catalog.getdatabaseencoding()
-            USING ERRCODE = 'feature_not_supported',
-                  HINT = 'Events are JSON and Kafka records carry UTF-8. Create the database with ENCODING ''UTF8'' (TEMPLATE template0) and install outbox there.';
+            USING HINT = 'Events are JSON and Kafka records carry UTF-8: text outside UTF-8 cannot be published as is. Move the application to a UTF8 database (ENCODING ''UTF8'', TEMPLATE template0).';
+    END IF;
+END
+$$;
+
+-- 3 below recreates outbox_status: objects of yours that depend on it
+-- would be dropped with it, so they are named and the update refused.
+DO $$
+DECLARE
+    dependents text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid), ', ')
+      INTO dependents
+      FROM pg_catalog.pg_depend d
+     WHERE d.deptype OPERATOR(pg_catalog.=) 'n'
+       AND ((d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+             AND d.refobjid OPERATOR(pg_catalog.=) '@extschema@.outbox_status'::pg_catalog.regclass)
+         OR (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+             AND d.refobjid OPERATOR(pg_catalog.=) '@extschema@.outbox_relay_status()'::pg_catalog.regprocedure))
+       AND NOT (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+                AND d.objid IN (SELECT r.oid FROM pg_catalog.pg_rewrite r
+                                 WHERE r.ev_class OPERATOR(pg_catalog.=) '@extschema@.outbox_status'::pg_catalog.regclass));
+    IF dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'outbox_status cannot be recreated by the update: % depends on it', dependents
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'outbox 0.2.0 adds columns to outbox_status. Drop those objects, run ALTER EXTENSION outbox UPDATE, then create them again.';
     END IF;
 END
 $$;
 
 -- 1. The table moves into schema "outbox", so that a user's own table named
 -- outbox (the usual name of a Debezium outbox table) can live beside the
--- extension. Same OID, rows, constraints, index, guard trigger and grants.
--- It takes an ACCESS EXCLUSIVE lock on the table for the moment of the
--- move (outbox_emit() does not touch the table). Code that inserts into
--- the table unqualified must name it outbox.outbox afterwards, or put
--- schema outbox on its search_path.
+-- extension. Same OID, rows, constraints, index, guard trigger and grants
+-- (USAGE on the schema goes to PUBLIC, so a role granted INSERT on the
+-- table directly keeps it; the schema gives nothing by itself). It takes
+-- an ACCESS EXCLUSIVE lock on the table for the moment of the move
+-- (outbox_emit() does not touch the table). Code that inserts into the
+-- table unqualified must name it outbox.outbox afterwards, or put schema
+-- outbox on its search_path. Installed in a schema named outbox, the
+-- extension's table is outbox.outbox already and stays.
 DO $$
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
-        RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
-            USING ERRCODE = 'duplicate_schema',
-                  DETAIL = 'The extension keeps its own table in a schema named outbox, which it creates and owns.',
-                  HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...), then install or update the extension again. The functions can go in another schema: CREATE EXTENSION outbox SCHEMA <name>.';
+    IF '@extschema@' OPERATOR(pg_catalog.<>) 'outbox' THEN
+        IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
+            RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
+                USING ERRCODE = 'duplicate_schema',
+                      DETAIL = 'outbox 0.2.0 keeps its own table in a schema named outbox, which it creates and owns.',
+                      HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...), then run ALTER EXTENSION outbox UPDATE again.';
+        END IF;
+        CREATE SCHEMA outbox;
+        COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
+        GRANT USAGE ON SCHEMA outbox TO PUBLIC;
+        ALTER TABLE @extschema@.outbox SET SCHEMA outbox;
     END IF;
 END
 $$;
-CREATE SCHEMA outbox;
-COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
-ALTER TABLE @extschema@.outbox SET SCHEMA outbox;
-GRANT USAGE ON SCHEMA outbox TO outbox_producer;
 
 -- 2. Hardening (issue 9). The row trigger is no longer SECURITY DEFINER:
 -- the row becomes JSON with the rights of whoever writes the table, and
 -- only the message is written by the library. CREATE OR REPLACE keeps the
 -- function's OID (existing user triggers keep working) and its grants, and
--- resets every property it does not name (SECURITY DEFINER, its SET).
+-- resets every property it does not name (SECURITY DEFINER, its SET). The
+-- C function is looked up in the library now: run with the 0.1.0 library
+-- still loaded (the server not restarted), the update fails here, before
+-- any 0.2.0 declaration meets a library that does not match it.
 CREATE OR REPLACE FUNCTION outbox_row_trigger() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'outbox_row_trigger';
 

@@ -47,19 +47,25 @@ $$;
 -- extension (dropped with it): the most common name of a Debezium outbox
 -- table is "outbox", and the databases that have one (in public or any
 -- schema of the path) must be able to install the extension beside it.
--- The relay finds its table by extension membership, never by schema.
+-- Installed in a schema named outbox (CREATE EXTENSION outbox SCHEMA
+-- outbox), the extension keeps its table there. The relay finds its table
+-- by extension membership, never by schema. USAGE on the schema gives
+-- nothing by itself: the table's own grants decide who may insert.
 DO $$
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
-        RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
-            USING ERRCODE = 'duplicate_schema',
-                  DETAIL = 'The extension keeps its own table in a schema named outbox, which it creates and owns.',
-                  HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...), then install or update the extension again. The functions can go in another schema: CREATE EXTENSION outbox SCHEMA <name>.';
+    IF '@extschema@' OPERATOR(pg_catalog.<>) 'outbox' THEN
+        IF EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'outbox') THEN
+            RAISE EXCEPTION 'schema "outbox" already exists in database "%"', pg_catalog.current_database()
+                USING ERRCODE = 'duplicate_schema',
+                      DETAIL = 'The extension keeps its own table in a schema named outbox, which it creates and owns.',
+                      HINT = 'Rename that schema (ALTER SCHEMA outbox RENAME TO ...) and create the extension again, or install the extension in it: CREATE EXTENSION outbox SCHEMA outbox.';
+        END IF;
+        CREATE SCHEMA outbox;
+        COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
+        GRANT USAGE ON SCHEMA outbox TO PUBLIC;
     END IF;
 END
 $$;
-CREATE SCHEMA outbox;
-COMMENT ON SCHEMA outbox IS 'The outbox extension''s own Debezium-style table';
 
 -- The Debezium-style outbox table: code that already inserts rows with
 -- these columns works unchanged. Rows are published like outbox_emit()'s
@@ -204,5 +210,4 @@ REVOKE ALL ON FUNCTION outbox_dead_letter_republish(uuid) FROM PUBLIC;
 GRANT USAGE ON SCHEMA @extschema@ TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_emit(text, text, text, jsonb, jsonb, text) TO outbox_producer;
 GRANT EXECUTE ON FUNCTION outbox_row_trigger() TO outbox_producer;
-GRANT USAGE ON SCHEMA outbox TO outbox_producer;
 GRANT INSERT ON TABLE outbox.outbox TO outbox_producer;

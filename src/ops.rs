@@ -182,10 +182,16 @@ fn check_declared_columns(fcinfo: pg_sys::FunctionCallInfo, function: &str, ours
         }
     };
     if declared != ours {
-        let installed = Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'outbox'")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| "unknown".into());
+        // A read-only select: Spi::get_one would assign a transaction id,
+        // which a standby or a parallel worker refuses with another error.
+        let installed = Spi::connect(|c| {
+            c.select("SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'outbox'", Some(1), &[])?
+                .first()
+                .get_one::<String>()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "unknown".into());
         raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
@@ -212,7 +218,7 @@ fn outbox_relay_resume() -> bool {
 /// since the last reset, in microseconds (within 12.5 %).
 #[allow(clippy::type_complexity)] // as outbox_relay_status()
 #[pg_extern(volatile, parallel_safe)]
-fn outbox_relay_latency() -> TableIterator<
+fn outbox_relay_latency(fcinfo: pg_sys::FunctionCallInfo) -> TableIterator<
     'static,
     (
         name!(samples, i64),
@@ -222,6 +228,7 @@ fn outbox_relay_latency() -> TableIterator<
         name!(max_us, Option<i64>),
     ),
 > {
+    check_declared_columns(fcinfo, "outbox_relay_latency()", &[pg_sys::INT8OID; 5]);
     let counts = shmem::shared().map(|s| s.latency_counts()).unwrap_or_default();
     let q = |p: f64| outbox_core::histogram::quantile(&counts, p).map(|v| v as i64);
     TableIterator::once((counts.iter().sum::<u64>() as i64, q(0.5), q(0.95), q(0.99), q(1.0)))

@@ -50,8 +50,19 @@ def extension_catalog(pg: rig.Postgres, dbname: str) -> dict:
             SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger
              WHERE tgrelid IN ('outbox.outbox'::regclass, 'outbox_dead_letter'::regclass)""",
         "schemas": """
-            SELECT nspname::text, nspacl::text, obj_description(oid, 'pg_namespace') FROM pg_namespace
+            SELECT nspname::text, nspacl::text, obj_description(oid, 'pg_namespace'), nspowner::regrole::text FROM pg_namespace
              WHERE nspname IN ('outbox', 'public')""",
+        "owners": """
+            SELECT pg_describe_object(d.classid, d.objid, 0),
+                   coalesce((SELECT proowner FROM pg_proc WHERE oid = d.objid AND d.classid = 'pg_proc'::regclass),
+                            (SELECT relowner FROM pg_class WHERE oid = d.objid AND d.classid = 'pg_class'::regclass),
+                            (SELECT nspowner FROM pg_namespace WHERE oid = d.objid AND d.classid = 'pg_namespace'::regclass))::regrole::text
+              FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox'
+             WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'""",
+        "init_privs": """
+            SELECT pg_describe_object(classoid, objoid, objsubid), privtype::text, initprivs::text FROM pg_init_privs
+             WHERE (classoid, objoid) IN (SELECT d.classid, d.objid FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+                                           WHERE e.extname = 'outbox' AND d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e')""",
         "dumped": "SELECT extconfig::regclass[]::text, extcondition::text FROM pg_extension WHERE extname = 'outbox'",
     }
     with pg.connect(dbname) as c:
@@ -131,12 +142,24 @@ def test_update_from_0_1_0_with_events_in_flight(pg, broker):
         pg.stop(mode="immediate", check=False)
 
 
-def test_a_schema_named_outbox_is_refused_with_the_fix(db):
-    """The extension owns schema outbox; a database that has one gets a
-    clear error at CREATE EXTENSION (and at the update), nothing half made."""
+def is_member(c, table: str) -> bool:
+    return c.execute(
+        "SELECT EXISTS (SELECT FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'outbox' "
+        "WHERE d.classid = 'pg_class'::regclass AND d.objid = %s::regclass AND d.deptype = 'e')", (table,)).fetchone()[0]
+
+
+def fresh_database(db, name):
     with db.connect("postgres") as c:
-        c.execute("DROP DATABASE IF EXISTS schema_taken")
-        c.execute("CREATE DATABASE schema_taken")
+        c.execute(f"DROP DATABASE IF EXISTS {name}")
+        c.execute(f"CREATE DATABASE {name}")
+
+
+def test_a_schema_named_outbox_is_refused_with_the_fix(db):
+    """The extension owns schema outbox: a database that has one of its
+    own gets a clear error at CREATE EXTENSION and at the update, nothing
+    half made; the fix works; installed in that schema, it keeps its table
+    there."""
+    fresh_database(db, "schema_taken")
     try:
         with db.connect("schema_taken") as c:
             c.execute("CREATE SCHEMA outbox")
@@ -145,18 +168,35 @@ def test_a_schema_named_outbox_is_refused_with_the_fix(db):
             assert e.sqlstate == "42P06", e
             assert 'schema "outbox" already exists' in str(e) and "ALTER SCHEMA outbox RENAME" in e.diag.message_hint
             assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'outbox'").fetchone()[0] == 0
+            # 0.1.0 did not use the schema; the update to 0.2.0 needs it.
+            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
+            e = sqlstate_of(c, "ALTER EXTENSION outbox UPDATE")
+            assert e.sqlstate == "42P06" and "then run ALTER EXTENSION outbox UPDATE again" in e.diag.message_hint, e
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'outbox'").fetchone()[0] == "0.1.0"
+            assert is_member(c, "public.outbox"), "the failed update left the table where it was"
             c.execute("ALTER SCHEMA outbox RENAME TO app_outbox")
-            c.execute("CREATE EXTENSION outbox")
-            assert c.execute("SELECT count(*) FROM app_outbox.outbox").fetchone()[0] == 0
+            c.execute("ALTER EXTENSION outbox UPDATE")
+            assert is_member(c, "outbox.outbox") and not is_member(c, "app_outbox.outbox")
     finally:
         with db.connect("postgres") as c:
             c.execute("DROP DATABASE schema_taken")
+    fresh_database(db, "in_schema_outbox")
+    try:
+        with db.connect("in_schema_outbox") as c:
+            c.execute("CREATE SCHEMA outbox")
+            c.execute("CREATE EXTENSION outbox SCHEMA outbox")
+            assert is_member(c, "outbox.outbox")
+            assert c.execute("SELECT pg_get_function_identity_arguments('outbox.outbox_emit'::regproc) <> ''").fetchone()[0]
+            c.execute("DROP EXTENSION outbox")
+            assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'").fetchone()[0] == 1, \
+                "the user's schema stays"
+    finally:
+        with db.connect("postgres") as c:
+            c.execute("DROP DATABASE in_schema_outbox")
 
 
 def test_drop_extension_drops_its_schema_and_only_it(db):
-    with db.connect("postgres") as c:
-        c.execute("DROP DATABASE IF EXISTS drop_ext")
-        c.execute("CREATE DATABASE drop_ext")
+    fresh_database(db, "drop_ext")
     try:
         with db.connect("drop_ext") as c:
             c.execute("CREATE TABLE public.outbox (id bigint)")
@@ -167,3 +207,65 @@ def test_drop_extension_drops_its_schema_and_only_it(db):
     finally:
         with db.connect("postgres") as c:
             c.execute("DROP DATABASE drop_ext")
+
+
+def relay_waits_on_a_lock(c) -> bool:
+    return c.execute(
+        "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE a.backend_type = 'outbox relay' AND NOT l.granted)").fetchone()[0]
+
+
+def test_update_while_the_relay_deletes_rows_and_drop_with_rows_in_flight(pg, broker):
+    """The relay deletes published rows while ALTER EXTENSION outbox UPDATE
+    holds the table: it waits for the update and deletes under the new name
+    (no error, no restart, nothing sent twice). Then rows in flight when
+    the extension is dropped: published (they committed), nothing left to
+    delete, the relay goes on."""
+    agg = rig.unique_topic("Up").replace(".", "_")
+    topic = f"outbox.event.{agg}"
+    pg = rig.Postgres(run_dir=rig.RUN / "upgrade_live", port=rig.PG_PORT + 19)  # (after `pg` installed the library)
+    pg.init()
+    pg.start()
+    try:
+        pg.create_database()
+        with pg.connect() as c, pg.connect() as upd:
+            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
+            slot_active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'"
+            rig.wait_for("the relay's slot", lambda: c.execute(slot_active).fetchone() == (True,))
+            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
+            c.execute("SELECT pg_reload_conf()")
+            rig.wait_for("the relay to release its slot", lambda: c.execute(slot_active).fetchone() == (False,))
+            for n in range(10):
+                c.execute(ROWS.format(table="outbox"), (agg, json.dumps({"n": n})))
+            # The update holds the table until it commits.
+            upd.execute("BEGIN")
+            upd.execute("ALTER EXTENSION outbox UPDATE")
+            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
+            c.execute("SELECT pg_reload_conf()")
+            rig.wait_for("the relay's delete to wait for the update", lambda: relay_waits_on_a_lock(c), timeout=60)
+            pid = rig.relay_pid(pg)
+            upd.execute("COMMIT")
+            rig.wait_for("the published rows deleted", lambda: c.execute("SELECT count(*) FROM outbox.outbox").fetchone()[0] == 0)
+            rig.drain(pg)
+            assert rig.relay_pid(pg) == pid, "the relay restarted"
+
+            # Rows in flight when the extension is dropped.
+            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
+            c.execute("SELECT pg_reload_conf()")
+            rig.wait_for("the relay to release its slot", lambda: c.execute(slot_active).fetchone() == (False,))
+            for n in range(10, 13):
+                c.execute(ROWS.format(table="outbox.outbox"), (agg, json.dumps({"n": n})))
+            end = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            c.execute("DROP EXTENSION outbox")
+            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
+            c.execute("SELECT pg_reload_conf()")
+            rig.wait_for("the relay to confirm past the rows", lambda: c.execute(
+                "SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = 'outbox'", (end,)).fetchone()[0],
+                timeout=60)
+            pid = rig.relay_pid(pg)
+        got = broker.consume(topic, expect=13, timeout=60, linger=1.5)
+        assert [json.loads(m["value"])["n"] for m in got] == list(range(13)), "each event once, in order"
+        assert rig.relay_pid(pg) == pid
+        assert "could not delete published outbox rows" not in pg.log_text()
+    finally:
+        pg.stop(mode="immediate", check=False)

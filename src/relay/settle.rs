@@ -131,7 +131,10 @@ impl Relay {
     /// Deletes the outbox-table rows whose events are settled. The table is
     /// found by extension membership in the deleting transaction itself, not
     /// cached: `ALTER EXTENSION outbox UPDATE` from 0.1.0 moves it from the
-    /// extension's schema into schema `outbox` while the relay runs.
+    /// extension's schema into schema `outbox` while the relay runs. It is
+    /// locked by OID before its name is read, so an update in progress is
+    /// waited for and the name is the one after it; a table gone (the
+    /// extension dropped) leaves nothing to delete.
     fn delete_published_rows(&mut self, ids: &[[u8; 16]]) {
         if ids.is_empty() || !settings::delete_published_rows() {
             return;
@@ -140,7 +143,14 @@ impl Relay {
             let list: Vec<String> = chunk.iter().map(outbox_core::format_uuid).collect();
             let list = list.join(",");
             BackgroundWorker::transaction(|| -> Result<(), pgrx::spi::Error> {
-                let Some(table) = Spi::get_one::<String>(OWN_TABLE)? else { return Ok(()) };
+                let Some(oid) = Spi::get_one::<pg_sys::Oid>(OWN_TABLE_OID)? else { return Ok(()) };
+                // SAFETY: LockRelationOid takes a lock in this transaction
+                // (released at its end, as a DELETE's own would be) and
+                // raises only through pgrx's guarded binding; an OID whose
+                // relation is gone by then is locked harmlessly.
+                unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+                let args: [pgrx::datum::DatumWithOid; 1] = [oid.into()];
+                let Some(table) = Spi::get_one_with_args::<String>(TABLE_NAME, &args)? else { return Ok(()) };
                 Spi::run(&format!(
                     "DELETE FROM {table} WHERE id OPERATOR(pg_catalog.=) ANY ('{{{list}}}'::pg_catalog.uuid[])"
                 ))
@@ -150,20 +160,26 @@ impl Relay {
     }
 }
 
-/// The extension's own table, schema-qualified and quoted: the member of
-/// extension `outbox` named `outbox` (the plugin recognises its rows the
-/// same way). Every function and operator is named with its schema.
-const OWN_TABLE: &str = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+/// The OID of the extension's own table, or NULL: the member of extension
+/// `outbox` named `outbox` (the plugin recognises its rows the same way).
+/// One row always (a scalar subquery), so "no table" is NULL, not an error.
+/// Every function and operator is named with its schema.
+const OWN_TABLE_OID: &str = "SELECT (SELECT c.oid
        FROM pg_catalog.pg_extension e
        JOIN pg_catalog.pg_depend d ON d.refobjid OPERATOR(pg_catalog.=) e.oid
         AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
         AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
         AND d.deptype OPERATOR(pg_catalog.=) 'e'::pg_catalog.\"char\"
        JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.objid
-       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
       WHERE e.extname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name
         AND c.relname OPERATOR(pg_catalog.=) 'outbox'::pg_catalog.name
-        AND c.relkind OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\"";
+        AND c.relkind OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\")";
+
+/// A table's name, schema-qualified and quoted, by OID; NULL when it is gone.
+const TABLE_NAME: &str = "SELECT (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+       FROM pg_catalog.pg_class c
+       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+      WHERE c.oid OPERATOR(pg_catalog.=) $1)";
 
 /// Logs each crossing of the WAL guard's fractions once.
 pub fn watch_wal(watch: &mut wal_guard::Watch, retained: u64) {
