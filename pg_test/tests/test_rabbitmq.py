@@ -265,3 +265,55 @@ def test_an_event_the_server_keeps_refusing_is_given_up_after_five_attempts(rdb,
         print(f"\n[d7 give-up] dead-lettered after {took:.1f} s")
     finally:
         set_and_reload(rdb, restart=True, max_event_bytes=None)
+
+
+def test_cloudevents_binary_with_either_prefix_and_structured(rdb, rabbit):
+    """outbox.cloudevents on RabbitMQ, read back with the CloudEvents SDK:
+    binary mode with the AMQP binding's prefix (cloudEvents_, as AMQP 1.0
+    application properties) and with ce- (the SDK's RabbitMQ binding), then
+    structured mode; the AMQP content_type property is datacontenttype."""
+    from cloudevents.core.bindings import amqp, rabbitmq
+    from cloudevents.core.formats.json import JSONFormat
+    from test_cloudevents import with_relay_restarted
+
+    etype = f"Ce{uuid.uuid4().hex[:8]}"
+    q = rabbit.bind_queue(EXCHANGE, etype)
+    payload = {"total": 4200, "lines": [1, None]}
+
+    def one():
+        with rdb.connect() as c:
+            i = str(c.execute("SELECT outbox_emit('Order', 'o-1', %s, %s::jsonb)", (etype, json.dumps(payload))).fetchone()[0])
+        rig.drain(rdb)
+        (m,) = rabbit.consume(q, expect=1, timeout=30, linger=0.5)
+        return i, m, m["props"]
+
+    def check(ev, i, props):
+        assert (ev.get_specversion(), ev.get_id(), ev.get_source(), ev.get_type(), ev.get_subject()) == (
+            "1.0", i, f"/outbox/{rig.DATABASE}", etype, "o-1")
+        assert ev.get_data() == payload and ev.get_extension("partitionkey") == "o-1"
+        assert int(ev.get_time().timestamp()) == props.timestamp, "time is the commit time"
+
+    try:
+        with_relay_restarted(rdb, cloudevents="binary")
+        i, m, props = one()
+        assert props.content_type == "application/json" and m["headers"]["cloudEvents_specversion"] == "1.0"
+        check(amqp.from_binary(amqp.AMQPMessage(properties={"content-type": props.content_type},
+                                                application_properties=m["headers"], application_data=m["value"]),
+                               JSONFormat()), i, props)
+        assert m["headers"]["id"] == i and m["headers"]["type"] == etype, "the outbox headers stay"
+
+        with_relay_restarted(rdb, cloudevents_amqp_prefix="ce-")
+        i, m, props = one()
+        assert not [k for k in m["headers"] if k.startswith("cloudEvents")]
+        check(rabbitmq.from_binary(rabbitmq.RabbitMQMessage(headers=m["headers"], content_type=props.content_type,
+                                                            body=m["value"]), JSONFormat()), i, props)
+
+        with_relay_restarted(rdb, cloudevents="structured", cloudevents_amqp_prefix=None)
+        i, m, props = one()
+        assert props.content_type == "application/cloudevents+json; charset=UTF-8"
+        assert not [k for k in m["headers"] if k.startswith(("cloudEvents", "ce-"))]
+        check(rabbitmq.from_structured(rabbitmq.RabbitMQMessage(headers=m["headers"], content_type=props.content_type,
+                                                                body=m["value"]), JSONFormat()), i, props)
+        assert json.loads(m["value"])["data"] == payload
+    finally:
+        with_relay_restarted(rdb, cloudevents=None, cloudevents_amqp_prefix=None)

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod amqp;
+pub mod cloudevents;
 pub mod codec;
 pub mod confirm;
 pub mod decoded;

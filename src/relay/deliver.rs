@@ -45,6 +45,8 @@ pub struct Deliver {
     pub template: TopicTemplate,
     /// Routing keys need not be topic names.
     pub topic_names: bool,
+    /// CloudEvents (`outbox.cloudevents`), re-read at each reload.
+    cloudevents: CloudEvents,
     /// The last destination the template produced: (aggregate type, event type, destination).
     last_route: Option<(String, String, Rc<str>)>,
     /// Reports, swapped with the sink's buffer so neither is reallocated.
@@ -75,6 +77,7 @@ impl Deliver {
             one_per_request,
             template,
             topic_names,
+            cloudevents: CloudEvents::from_settings(topic_names),
             last_route: None,
             reports: Vec::new(),
         }
@@ -82,6 +85,7 @@ impl Deliver {
 
     pub fn reload(&mut self) {
         (self.template, self.topic_names) = settings::destination_template();
+        self.cloudevents = CloudEvents::from_settings(self.topic_names);
         self.last_route = None;
     }
 
@@ -162,8 +166,26 @@ impl Deliver {
                 }
             }
         };
+        // CloudEvents: attribute headers (binary) or the event as the value
+        // (structured), and the content type to say.
+        let ce = self.cloudevents.apply(&d);
+        let (value, content_type) = match &ce {
+            Some(c) => (c.value.as_deref().unwrap_or(ev.payload), Some(c.content_type)),
+            None => (ev.payload, None),
+        };
+        let with_ce: Vec<(&str, &str)>;
+        let headers: &[(&str, &str)] = match &ce {
+            Some(c) => {
+                with_ce = ev.headers.iter().copied().chain(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+                &with_ce
+            }
+            None => &ev.headers,
+        };
         if let Some(limit) = limit {
-            let size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, &ev.headers, ev.payload);
+            let mut size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, headers, value);
+            if let Some(ct) = content_type {
+                size += outbox_core::cloudevents::KAFKA_CONTENT_TYPE.len() + ct.len();
+            }
             if size > limit {
                 // Refused here, before it is sent, so nothing after it can
                 // reach the destination first.
@@ -179,12 +201,13 @@ impl Deliver {
             seq,
             id: &ev.id,
             key: ev.aggregate_id,
-            value: ev.payload,
+            value,
             event_type: ev.event_type,
             aggregate_type: ev.aggregate_type,
-            headers: &ev.headers,
+            headers,
             destination: &destination,
             commit_time: d.commit_time,
+            content_type,
         };
         let Deliver { sink, ledger, shared, .. } = self;
         let shared: &'static Shared = shared;
@@ -354,5 +377,52 @@ fn note_latency(shared: &Shared, commit_time: Option<i64>) {
         // SAFETY: GetCurrentTimestamp only reads the clock.
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         shared.record_latency((now - t).max(0) as u64);
+    }
+}
+
+/// `outbox.cloudevents` as the relay applies it to each event.
+struct CloudEvents {
+    mode: outbox_core::cloudevents::Mode,
+    source: String,
+    /// The attribute headers' prefix: Kafka's `ce_`, or the AMQP setting's.
+    prefix: String,
+}
+
+/// What CloudEvents adds to one event.
+struct CeParts {
+    headers: Vec<(String, String)>,
+    /// Structured mode's value (the event in the JSON event format).
+    value: Option<String>,
+    content_type: &'static str,
+}
+
+impl CloudEvents {
+    fn from_settings(kafka: bool) -> Self {
+        use settings::cloudevents as s;
+        let prefix = if kafka { outbox_core::cloudevents::KAFKA_PREFIX.to_owned() } else { s::amqp_prefix() };
+        CloudEvents { mode: s::mode(), source: s::source(), prefix }
+    }
+
+    fn apply(&self, d: &DecodedEvent<'_>) -> Option<CeParts> {
+        use outbox_core::cloudevents::{Attributes, Mode, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
+        if self.mode == Mode::Off {
+            return None;
+        }
+        let ev = &d.event;
+        let id = outbox_core::format_uuid(&ev.id);
+        let header = |name: &str| ev.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let a = Attributes {
+            id: &id,
+            source: &self.source,
+            event_type: ev.event_type,
+            subject: ev.aggregate_id,
+            commit_time: d.commit_time,
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
+        };
+        Some(match self.mode {
+            Mode::Binary => CeParts { headers: a.binary_headers(&self.prefix), value: None, content_type: DATA_CONTENT_TYPE },
+            _ => CeParts { headers: Vec::new(), value: Some(a.structured(ev.payload)), content_type: STRUCTURED_CONTENT_TYPE },
+        })
     }
 }

@@ -296,6 +296,9 @@ impl KafkaSink {
         for (k, v) in ev.headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
+        if let Some(ct) = ev.content_type {
+            h = h.insert(Header { key: outbox_core::cloudevents::KAFKA_CONTENT_TYPE, value: Some(ct.as_bytes()) });
+        }
         let mut record = BaseRecord::with_opaque_to(ev.destination, ev.seq as usize)
             .key(ev.key)
             .payload(ev.value)

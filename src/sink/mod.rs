@@ -31,6 +31,10 @@ pub struct OutEvent<'a> {
     pub destination: &'a str,
     /// Commit time, µs since 2000-01-01.
     pub commit_time: i64,
+    /// The message's content type when it is to be said (CloudEvents): the
+    /// Kafka `content-type` header, the AMQP `content_type` property (which
+    /// is `application/json` otherwise).
+    pub content_type: Option<&'a str>,
 }
 
 /// One acknowledgement or failure.

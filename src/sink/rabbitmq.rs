@@ -437,7 +437,7 @@ impl Sink for RabbitSink {
             .with_type(short(ev.event_type, 255).into())
             .with_app_id("outbox".into())
             .with_timestamp(time::pg_to_unix_micros(ev.commit_time).div_euclid(1_000_000).max(0) as u64)
-            .with_content_type("application/json".into())
+            .with_content_type(ev.content_type.unwrap_or("application/json").into())
             .with_headers(headers);
         let mut m = Outgoing {
             kept: Kept {
