@@ -5,6 +5,9 @@ import uuid
 from contextlib import contextmanager
 
 import psycopg
+from psycopg import sql
+
+import rig
 
 
 @contextmanager
@@ -64,3 +67,21 @@ def first_occurrences(messages: list[dict]) -> list[str]:
         if m["headers"]["id"] not in seen:
             seen.append(m["headers"]["id"])
     return seen
+
+
+def with_relay_restarted(pg, **settings):
+    """Applies outbox.<name> settings (None resets) with the relay off and
+    back on, so that the stream it then starts has them: what is published
+    afterwards cannot race the reload."""
+    with pg.connect() as c:
+        c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
+        for k, v in settings.items():
+            if v is None:
+                c.execute(f"ALTER SYSTEM RESET outbox.{k}")
+            else:
+                c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))
+        c.execute("SELECT pg_reload_conf()")
+        rig.wait_for_relay(pg, "disabled")
+        c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
+        c.execute("SELECT pg_reload_conf()")
+    rig.wait_for_relay(pg)

@@ -12,6 +12,7 @@ import pytest
 from psycopg import sql
 
 import rig
+from helpers import with_relay_restarted
 from load import Load, compare
 
 EXCHANGE = "outbox_events"
@@ -274,7 +275,6 @@ def test_cloudevents_binary_with_either_prefix_and_structured(rdb, rabbit):
     structured mode; the AMQP content_type property is datacontenttype."""
     from cloudevents.core.bindings import amqp, rabbitmq
     from cloudevents.core.formats.json import JSONFormat
-    from test_cloudevents import with_relay_restarted
 
     etype = f"Ce{uuid.uuid4().hex[:8]}"
     q = rabbit.bind_queue(EXCHANGE, etype)
@@ -315,5 +315,15 @@ def test_cloudevents_binary_with_either_prefix_and_structured(rdb, rabbit):
         check(rabbitmq.from_structured(rabbitmq.RabbitMQMessage(headers=m["headers"], content_type=props.content_type,
                                                                 body=m["value"]), JSONFormat()), i, props)
         assert json.loads(m["value"])["data"] == payload
+        # Returned unroutable in structured mode: the dead letter is the
+        # event (its payload, its own headers), not its CloudEvents form.
+        with rdb.connect() as c:
+            lost = str(c.execute("SELECT outbox_emit('Order', 'o-1', %s, %s::jsonb, '{\"tenant\": \"t1\"}', %s)",
+                                 (etype, json.dumps(payload), f"nobody.{uuid.uuid4().hex[:8]}")).fetchone()[0])
+        rig.drain(rdb)
+        with rdb.connect() as c:
+            row = c.execute("SELECT payload, headers, reason FROM outbox_dead_letter WHERE id = %s", (lost,)).fetchone()
+            assert row is not None and row[0] == payload and row[1] == {"tenant": "t1"}, row
+            c.execute("DELETE FROM outbox_dead_letter WHERE id = %s", (lost,))
     finally:
         with_relay_restarted(rdb, cloudevents=None, cloudevents_amqp_prefix=None)

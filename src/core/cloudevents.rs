@@ -106,15 +106,47 @@ impl<'a> Attributes<'a> {
     }
 }
 
-/// Checks a `source` value: the spec wants a non-empty URI-reference; what
-/// can be told without a URI parser is refused here (empty, whitespace or
-/// control characters).
+/// What a structured value's `data` is: the payload the event carried, as
+/// `Attributes::structured` put it (the inverse, for a message a sink gives
+/// back). None if `value` is not such a value. The marker cannot occur
+/// earlier: attribute values are JSON strings, whose quotes are escaped.
+pub fn payload_of_structured(value: &str) -> Option<&str> {
+    let marker = concat!(",\"datacontenttype\":\"", "application/json", "\",\"data\":");
+    let start = value.find(marker)? + marker.len();
+    value.strip_suffix('}')?.get(start..)
+}
+
+/// Whether an event's own header would collide with CloudEvents in a
+/// message: `content-type` (the binding's data content type) or a name
+/// with the attribute prefix, compared as the SDKs do (ignoring case).
+pub fn header_collides(name: &str, prefix: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == KAFKA_CONTENT_TYPE || lower.starts_with(&prefix.to_ascii_lowercase())
+}
+
+/// Checks a `source` value: a non-empty URI-reference (RFC 3986: unreserved,
+/// reserved and percent-encoded characters only; the spec recommends an
+/// absolute URI, which is not required).
 pub fn check_source(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("a CloudEvents source must not be empty".into());
     }
-    if let Some(c) = s.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("a CloudEvents source is a URI-reference; it cannot contain {c:?}"));
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            if !(i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                return Err(format!("a CloudEvents source is a URI-reference: \"%\" at byte {i} is not followed by two hex digits"));
+            }
+            i += 3;
+            continue;
+        }
+        if !(c.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=".contains(&c)) {
+            let ch = s[i..].chars().next().unwrap_or('?');
+            return Err(format!("a CloudEvents source is a URI-reference; it cannot contain {ch:?} (percent-encode it)"));
+        }
+        i += 1;
     }
     Ok(())
 }
@@ -210,13 +242,44 @@ mod tests {
     }
 
     #[test]
+    fn the_payload_comes_back_out_of_a_structured_value() {
+        for payload in [r#"{"a": 1}"#, "[1, 2]", "null", "\"s\"", r#"{"data": {"x": "}"}}"#] {
+            // A subject that looks like the marker stays inside its string.
+            let a = Attributes { subject: r#"x","datacontenttype":"application/json","data":1}"#, ..attrs() };
+            assert_eq!(payload_of_structured(&a.structured(payload)), Some(payload));
+        }
+        assert_eq!(payload_of_structured(r#"{"a": 1}"#), None);
+        assert_eq!(payload_of_structured(""), None);
+    }
+
+    #[test]
+    fn headers_that_collide_with_cloudevents() {
+        assert!(header_collides("content-type", KAFKA_PREFIX));
+        assert!(header_collides("Content-Type", KAFKA_PREFIX));
+        assert!(header_collides("ce_id", KAFKA_PREFIX));
+        assert!(header_collides("CE_tenant", KAFKA_PREFIX));
+        assert!(header_collides("cloudevents_x", "cloudEvents_"));
+        assert!(header_collides("ce-x", "ce-"));
+        assert!(!header_collides("tenant", KAFKA_PREFIX));
+        assert!(!header_collides("cex", KAFKA_PREFIX));
+        assert!(!header_collides("ce_x", "ce-"));
+    }
+
+    #[test]
     fn sources() {
         assert!(check_source("/outbox/shop").is_ok());
         assert!(check_source("https://example.com/orders").is_ok());
         assert!(check_source("urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66").is_ok());
+        assert!(check_source("/orders%20eu?x=1#f").is_ok());
         assert!(check_source("").unwrap_err().contains("empty"));
         assert!(check_source("/a b").unwrap_err().contains("' '"));
         assert!(check_source("/a\nb").is_err());
+        for bad in ["/ä", "/a<b", "/a\"b", "/a{b}", "/a\\b", "/a^b", "/a|b", "/a`b"] {
+            assert!(check_source(bad).unwrap_err().contains("cannot contain"), "{bad}");
+        }
+        for bad in ["/a%", "/a%2", "/a%zz"] {
+            assert!(check_source(bad).unwrap_err().contains("two hex digits"), "{bad}");
+        }
         assert_eq!(default_source("shop"), "/outbox/shop");
         assert_eq!(default_source("my db/ä"), "/outbox/my%20db%2F%C3%A4");
     }

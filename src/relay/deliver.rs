@@ -167,7 +167,17 @@ impl Deliver {
             }
         };
         // CloudEvents: attribute headers (binary) or the event as the value
-        // (structured), and the content type to say.
+        // (structured), and the content type to say. An event header that
+        // would read as one of CloudEvents' is refused rather than sent
+        // beside (or, on RabbitMQ, under) the relay's.
+        if let Some(name) = self.cloudevents.colliding_header(ev) {
+            let reason = format!(
+                "header \"{name}\" collides with CloudEvents (outbox.cloudevents is on): a header named content-type or \
+                 starting with \"{}\" (in any case) is the binding's",
+                self.cloudevents.prefix
+            );
+            return refuse(self, reason, Some(&destination));
+        }
         let ce = self.cloudevents.apply(&d);
         let (value, content_type) = match &ce {
             Some(c) => (c.value.as_deref().unwrap_or(ev.payload), Some(c.content_type)),
@@ -184,7 +194,8 @@ impl Deliver {
         if let Some(limit) = limit {
             let mut size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, headers, value);
             if let Some(ct) = content_type {
-                size += outbox_core::cloudevents::KAFKA_CONTENT_TYPE.len() + ct.len();
+                // As record_size counts a header: name, value and 10 bytes.
+                size += outbox_core::cloudevents::KAFKA_CONTENT_TYPE.len() + ct.len() + 10;
             }
             if size > limit {
                 // Refused here, before it is sent, so nothing after it can
@@ -202,9 +213,11 @@ impl Deliver {
             id: &ev.id,
             key: ev.aggregate_id,
             value,
+            payload: ev.payload,
             event_type: ev.event_type,
             aggregate_type: ev.aggregate_type,
             headers,
+            event_headers: &ev.headers,
             destination: &destination,
             commit_time: d.commit_time,
             content_type,
@@ -401,6 +414,14 @@ impl CloudEvents {
         use settings::cloudevents as s;
         let prefix = if kafka { outbox_core::cloudevents::KAFKA_PREFIX.to_owned() } else { s::amqp_prefix() };
         CloudEvents { mode: s::mode(), source: s::source(), prefix }
+    }
+
+    /// An event header CloudEvents would collide with, when it is on.
+    fn colliding_header<'e>(&self, ev: &outbox_core::Event<'e>) -> Option<&'e str> {
+        if self.mode == outbox_core::cloudevents::Mode::Off {
+            return None;
+        }
+        ev.headers.iter().map(|(k, _)| *k).find(|k| outbox_core::cloudevents::header_collides(k, &self.prefix))
     }
 
     fn apply(&self, d: &DecodedEvent<'_>) -> Option<CeParts> {

@@ -1,7 +1,7 @@
 //! CloudEvents settings (`outbox.cloudevents`, `outbox.cloudevents_source`,
 //! `outbox.cloudevents_amqp_prefix`). Reloadable: the relay reads them at
-//! each reload, and events sent after it take the new form (nothing already
-//! sent is sent again).
+//! each reload, and events sent after it take the new form (unconfirmed
+//! events a later restart of the stream sends again included).
 
 use std::ffi::{c_char, c_void, CString};
 

@@ -69,33 +69,53 @@ impl ClientContext for Ctx {}
 impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, r: &DeliveryResult<'_>, seq: usize) {
+    fn delivery(&self, r: &DeliveryResult<'_>, opaque: usize) {
+        let (seq, cloudevents) = ((opaque & !CLOUDEVENTS_SENT) as u64, opaque & CLOUDEVENTS_SENT != 0);
         let (error, bytes) = match r {
             Ok(msg) => (None, (msg.key_len() + msg.payload_len()) as u64),
             Err((e, msg)) => {
-                let (id, returned) = returned_of(msg);
+                let (id, returned) = returned_of(msg, cloudevents);
                 (Some(rejected(e, msg.topic(), id, returned)), 0)
             }
         };
         if let Ok(mut v) = self.reports.lock() {
-            v.push(Report { seq: seq as u64, bytes, error });
+            v.push(Report { seq, bytes, error });
         }
     }
 }
 
-/// The record as the relay built it (see `send`), and its event id.
-fn returned_of<M: Message>(msg: &M) -> (String, Returned) {
+/// The opaque's top bit: the record was sent as a CloudEvent (the rest is
+/// the event's sequence number, far below it).
+const CLOUDEVENTS_SENT: usize = 1 << (usize::BITS - 1);
+
+/// The event as the relay sent it (see `send`), and its event id; a record
+/// sent as a CloudEvent is given back as the event it carried (its payload,
+/// its own headers), so that a dead letter keeps the event, not its form.
+/// Events whose headers collide with CloudEvents' are never sent with it,
+/// so the attribute headers and `content-type` are exactly the added ones.
+fn returned_of<M: Message>(msg: &M, cloudevents: bool) -> (String, Returned) {
+    use outbox_core::cloudevents::{header_collides, payload_of_structured, KAFKA_CONTENT_TYPE, KAFKA_PREFIX, STRUCTURED_CONTENT_TYPE};
     use rdkafka::message::Headers;
     let text = |b: Option<&[u8]>| b.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
     let mut r = Returned { key: text(msg.key()), value: text(msg.payload()), headers: Vec::new() };
     let mut id = String::new();
+    let mut structured = false;
     if let Some(hs) = msg.headers() {
         for h in hs.iter() {
             let v = text(h.value);
             if h.key == "id" {
                 id = v.clone();
             }
+            if cloudevents && header_collides(h.key, KAFKA_PREFIX) {
+                structured |= h.key == KAFKA_CONTENT_TYPE && v == STRUCTURED_CONTENT_TYPE;
+                continue;
+            }
             r.headers.push((h.key.to_owned(), v));
+        }
+    }
+    if structured {
+        if let Some(p) = payload_of_structured(&r.value) {
+            r.value = p.to_owned();
         }
     }
     (id, r)
@@ -136,7 +156,8 @@ impl KafkaSink {
         config
             .set("bootstrap.servers", bootstrap)
             .set("linger.ms", linger_ms.to_string())
-            .set("message.max.bytes", (max_event_bytes + 1024).max(1_000_000).to_string())
+            // Room above the largest event for what CloudEvents adds.
+            .set("message.max.bytes", (max_event_bytes + 16 * 1024).max(1_000_000).to_string())
             .set("client.id", "outbox-relay")
             // The local queue bounds the worker's memory during a large
             // transaction (a full queue is waited out, never an error); 32 MiB
@@ -299,7 +320,8 @@ impl KafkaSink {
         if let Some(ct) = ev.content_type {
             h = h.insert(Header { key: outbox_core::cloudevents::KAFKA_CONTENT_TYPE, value: Some(ct.as_bytes()) });
         }
-        let mut record = BaseRecord::with_opaque_to(ev.destination, ev.seq as usize)
+        let cloudevents = if ev.content_type.is_some() { CLOUDEVENTS_SENT } else { 0 };
+        let mut record = BaseRecord::with_opaque_to(ev.destination, ev.seq as usize | cloudevents)
             .key(ev.key)
             .payload(ev.value)
             .headers(h)

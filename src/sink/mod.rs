@@ -23,10 +23,18 @@ pub struct OutEvent<'a> {
     pub id: &'a [u8; 16],
     /// The aggregate id: Kafka's message key.
     pub key: &'a str,
+    /// The message's value: the payload, or with CloudEvents structured
+    /// mode the event in the JSON event format.
     pub value: &'a str,
+    /// The event's payload, as the event carries it.
+    pub payload: &'a str,
     pub event_type: &'a str,
     pub aggregate_type: &'a str,
+    /// The message's headers besides the relay's own (`id`, `type`,
+    /// `aggregatetype`): the event's, then CloudEvents' attributes if on.
     pub headers: &'a [(&'a str, &'a str)],
+    /// The event's own headers.
+    pub event_headers: &'a [(&'a str, &'a str)],
     /// A Kafka topic, or an AMQP routing key.
     pub destination: &'a str,
     /// Commit time, µs since 2000-01-01.
@@ -80,8 +88,10 @@ impl Returned {
     pub fn of(ev: &OutEvent<'_>, id: &str) -> Returned {
         let mut headers = Vec::with_capacity(3 + ev.headers.len());
         headers.extend([("id", id), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type)].map(|(k, v)| (k.to_owned(), v.to_owned())));
-        headers.extend(ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        Returned { key: ev.key.to_owned(), value: ev.value.to_owned(), headers }
+        headers.extend(ev.event_headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        // The event as it was before CloudEvents: a dead letter keeps (and
+        // re-publishing sends) the event, not its form on the wire.
+        Returned { key: ev.key.to_owned(), value: ev.payload.to_owned(), headers }
     }
 }
 
