@@ -80,24 +80,12 @@ pub fn with_credentials(url: &str, user: Option<&str>, password: Option<&str>) -
         },
         None => ("guest".to_owned(), None, authority),
     };
-    let user = user.map(encode).unwrap_or(old_user);
-    let pass = password.map(encode).or(old_pass);
+    let user = user.map(|u| crate::percent_encode(u, b"")).unwrap_or(old_user);
+    let pass = password.map(|p| crate::percent_encode(p, b"")).or(old_pass);
     Ok(match pass {
         Some(p) => format!("{scheme}://{user}:{p}@{host}{path}"),
         None => format!("{scheme}://{user}@{host}{path}"),
     })
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

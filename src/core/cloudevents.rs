@@ -154,15 +154,8 @@ pub fn check_source(s: &str) -> Result<(), String> {
 /// The default `source`: `/outbox/<database>`, the database percent-encoded
 /// where a URI path segment needs it.
 pub fn default_source(database: &str) -> String {
-    let mut out = String::from("/outbox/");
-    for b in database.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    // A path segment also keeps sub-delims, ':' and '@' (RFC 3986 pchar).
+    format!("/outbox/{}", crate::percent_encode(database, b"!$&'()*+,;=:@"))
 }
 
 #[cfg(test)]

@@ -73,6 +73,21 @@ pub fn format_uuid_into<'b>(id: &[u8; 16], buf: &'b mut [u8; 36]) -> &'b str {
     std::str::from_utf8(buf).unwrap_or_default()
 }
 
+/// Percent-encodes `s` for a URI component: RFC 3986's unreserved bytes,
+/// and the ones in `also_kept`, stay as they are; every other byte becomes
+/// `%XX` (uppercase hex, UTF-8 bytes).
+pub fn percent_encode(s: &str, also_kept: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || also_kept.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
