@@ -74,14 +74,18 @@ def with_relay_restarted(pg, **settings):
     back on, so that the stream it then starts has them: what is published
     afterwards cannot race the reload."""
     with pg.connect() as c:
-        c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
-        for k, v in settings.items():
-            if v is None:
-                c.execute(f"ALTER SYSTEM RESET outbox.{k}")
-            else:
-                c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))
+        alter_system(c, relay_enabled="off", **settings)
         c.execute("SELECT pg_reload_conf()")
         rig.wait_for_relay(pg, "disabled")
         c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
         c.execute("SELECT pg_reload_conf()")
     rig.wait_for_relay(pg)
+
+
+def alter_system(c, **settings):
+    """ALTER SYSTEM SET outbox.<name> for each setting (None: RESET)."""
+    for k, v in settings.items():
+        if v is None:
+            c.execute(f"ALTER SYSTEM RESET outbox.{k}")
+        else:
+            c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))

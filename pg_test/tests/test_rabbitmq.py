@@ -9,10 +9,9 @@ import time
 import uuid
 
 import pytest
-from psycopg import sql
 
 import rig
-from helpers import with_relay_restarted
+from helpers import alter_system, with_relay_restarted
 from load import Load, compare
 
 EXCHANGE = "outbox_events"
@@ -44,11 +43,7 @@ def set_and_reload(pg, restart=False, **settings):
     (the relay restarts for new sink settings) is streaming."""
     old = rig.relay_pid(pg)
     with pg.connect() as c:
-        for k, v in settings.items():
-            if v is None:
-                c.execute(f"ALTER SYSTEM RESET outbox.{k}")
-            else:
-                c.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))
+        alter_system(c, **settings)
         c.execute("SELECT pg_reload_conf()")
     if restart:
         rig.wait_for("the relay to restart with the new settings",

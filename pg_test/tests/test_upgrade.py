@@ -69,6 +69,38 @@ def extension_catalog(pg: rig.Postgres, dbname: str) -> dict:
         return {k: sorted(tuple(map(str, r)) for r in c.execute(sql).fetchall()) for k, sql in q.items()}
 
 
+SLOT_ACTIVE = "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'"
+
+
+def server_with_0_1_0(name: str, port_offset: int) -> rig.Postgres:
+    """A server of its own (started after the `pg` fixture installed the
+    library) with 0.1.0 installed and its relay holding its slot."""
+    pg = rig.Postgres(run_dir=rig.RUN / name, port=rig.PG_PORT + port_offset)
+    pg.init()
+    pg.start()
+    try:
+        pg.create_database()
+        with pg.connect() as c:
+            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
+            rig.wait_for("the relay's slot", lambda: c.execute(SLOT_ACTIVE).fetchone() == (True,))
+    except BaseException:
+        pg.stop(mode="immediate", check=False)
+        raise
+    return pg
+
+
+def relay_off(c):
+    """The relay off, its slot released: what commits now waits in WAL."""
+    c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
+    c.execute("SELECT pg_reload_conf()")
+    rig.wait_for("the relay to release its slot", lambda: c.execute(SLOT_ACTIVE).fetchone() == (False,))
+
+
+def relay_on(c):
+    c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
+    c.execute("SELECT pg_reload_conf()")
+
+
 def test_update_from_0_1_0_with_events_in_flight(pg, broker):
     """0.1.0 installed and publishing; the relay then off while events
     commit (in the table, then still in the extension's schema, and through
@@ -78,15 +110,9 @@ def test_update_from_0_1_0_with_events_in_flight(pg, broker):
     once published, and the updated catalog the same as a fresh install's."""
     agg = rig.unique_topic("Up").replace(".", "_")
     topic = f"outbox.event.{agg}"
-    pg = rig.Postgres(run_dir=rig.RUN / "upgrade", port=rig.PG_PORT + 18)  # (after `pg` installed the library)
-    pg.init()
-    pg.start()
+    pg = server_with_0_1_0("upgrade", 18)
     try:
-        pg.create_database()
         with pg.connect() as c:
-            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
-            rig.wait_for("the relay's slot", lambda: c.execute(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone() == (True,))
             # The 0.2.0 library under 0.1.0's SQL: its status function
             # declares other columns. A clear error, not a crashed server.
             e = sqlstate_of(c, "SELECT * FROM outbox_status")
@@ -99,10 +125,7 @@ def test_update_from_0_1_0_with_events_in_flight(pg, broker):
             assert c.execute("SELECT count(*) FROM public.outbox").fetchone()[0] == 0, "published rows deleted"
 
             # The relay off: what commits now waits in WAL across the update.
-            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
-            c.execute("SELECT pg_reload_conf()")
-            rig.wait_for("the relay to release its slot", lambda: c.execute(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'").fetchone() == (False,))
+            relay_off(c)
             c.execute(ROWS.format(table="outbox"), (agg, json.dumps({"n": 2})))
             emit(c, agg, 3)
 
@@ -117,8 +140,7 @@ def test_update_from_0_1_0_with_events_in_flight(pg, broker):
             c.execute("CREATE TABLE public.outbox (LIKE outbox.outbox INCLUDING DEFAULTS)")
             c.execute(ROWS.format(table="public.outbox"), (agg, json.dumps({"n": 99})))
 
-            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
-            c.execute("SELECT pg_reload_conf()")
+            relay_on(c)
         status = rig.wait_for_relay(pg)
         assert status["sink"] == "kafka"
         rig.drain(pg)
@@ -223,25 +245,16 @@ def test_update_while_the_relay_deletes_rows_and_drop_with_rows_in_flight(pg, br
     delete, the relay goes on."""
     agg = rig.unique_topic("Up").replace(".", "_")
     topic = f"outbox.event.{agg}"
-    pg = rig.Postgres(run_dir=rig.RUN / "upgrade_live", port=rig.PG_PORT + 19)  # (after `pg` installed the library)
-    pg.init()
-    pg.start()
+    pg = server_with_0_1_0("upgrade_live", 19)
     try:
-        pg.create_database()
         with pg.connect() as c, pg.connect() as upd:
-            c.execute("CREATE EXTENSION outbox VERSION '0.1.0'")
-            slot_active = "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox'"
-            rig.wait_for("the relay's slot", lambda: c.execute(slot_active).fetchone() == (True,))
-            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
-            c.execute("SELECT pg_reload_conf()")
-            rig.wait_for("the relay to release its slot", lambda: c.execute(slot_active).fetchone() == (False,))
+            relay_off(c)
             for n in range(10):
                 c.execute(ROWS.format(table="outbox"), (agg, json.dumps({"n": n})))
             # The update holds the table until it commits.
             upd.execute("BEGIN")
             upd.execute("ALTER EXTENSION outbox UPDATE")
-            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
-            c.execute("SELECT pg_reload_conf()")
+            relay_on(c)
             rig.wait_for("the relay's delete to wait for the update", lambda: relay_waits_on_a_lock(c), timeout=60)
             pid = rig.relay_pid(pg)
             upd.execute("COMMIT")
@@ -250,15 +263,12 @@ def test_update_while_the_relay_deletes_rows_and_drop_with_rows_in_flight(pg, br
             assert rig.relay_pid(pg) == pid, "the relay restarted"
 
             # Rows in flight when the extension is dropped.
-            c.execute("ALTER SYSTEM SET outbox.relay_enabled = off")
-            c.execute("SELECT pg_reload_conf()")
-            rig.wait_for("the relay to release its slot", lambda: c.execute(slot_active).fetchone() == (False,))
+            relay_off(c)
             for n in range(10, 13):
                 c.execute(ROWS.format(table="outbox.outbox"), (agg, json.dumps({"n": n})))
             end = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
             c.execute("DROP EXTENSION outbox")
-            c.execute("ALTER SYSTEM RESET outbox.relay_enabled")
-            c.execute("SELECT pg_reload_conf()")
+            relay_on(c)
             rig.wait_for("the relay to confirm past the rows", lambda: c.execute(
                 "SELECT confirmed_flush_lsn >= %s FROM pg_replication_slots WHERE slot_name = 'outbox'", (end,)).fetchone()[0],
                 timeout=60)
