@@ -29,9 +29,19 @@ pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+pub(crate) fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => put_str(out, s),
+        None => put_u32(out, ABSENT),
+    }
+}
+
+pub(crate) fn put_opt_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        Some(b) => {
+            put_u32(out, b.len() as u32);
+            out.extend_from_slice(b);
+        }
         None => put_u32(out, ABSENT),
     }
 }
@@ -111,7 +121,14 @@ impl<'a> Reader<'a> {
         self.str_of_len(n)
     }
 
-    fn opt_str(&mut self) -> Result<Option<&'a str>, CodecError> {
+    pub(crate) fn opt_bytes(&mut self) -> Result<Option<&'a [u8]>, CodecError> {
+        match self.u32()? {
+            ABSENT => Ok(None),
+            n => self.bytes(n as usize).map(Some),
+        }
+    }
+
+    pub(crate) fn opt_str(&mut self) -> Result<Option<&'a str>, CodecError> {
         match self.u32()? {
             ABSENT => Ok(None),
             n => self.str_of_len(n as usize).map(Some),

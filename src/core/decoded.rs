@@ -14,9 +14,13 @@
 //! in messages.
 
 use crate::codec::{self, CodecError, Reader};
+use crate::adopt::{PayloadKind, RowEvent};
 use crate::{format_uuid, lsn, time, Event};
 
 pub const VERSION_1: u8 = 1;
+/// A row of an adopted table (`outbox.tables`): a record of its own, since
+/// its message is the router's (bytes, null key or value, partition).
+pub const VERSION_ADOPTED: u8 = 2;
 
 /// How an event entered the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +103,202 @@ pub fn decode_binary(bytes: &[u8]) -> Result<DecodedEvent<'_>, DecodedError> {
     let event = r.event()?;
     r.finish()?;
     Ok(DecodedEvent { source, xid, commit_lsn, commit_time, lsn, event })
+}
+
+/// A row of an adopted table, as the relay publishes it (see
+/// `crate::adopt::RowEvent`, whose fields it borrows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedRow<'a> {
+    pub xid: u32,
+    pub commit_lsn: u64,
+    pub commit_time: i64,
+    pub lsn: u64,
+    /// The table, schema-qualified.
+    pub table: &'a str,
+    pub id: [u8; 16],
+    pub key: Option<&'a str>,
+    pub value: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub payload_kind: PayloadKind,
+    pub topic: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub partition: Option<i32>,
+    pub timestamp: Option<i64>,
+    pub route_value: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub error: Option<&'a str>,
+}
+
+impl<'a> DecodedRow<'a> {
+    /// The record of `e`, a row of `table` in the transaction described.
+    pub fn of(e: &'a RowEvent, table: &'a str, xid: u32, commit_lsn: u64, commit_time: i64, lsn: u64) -> Self {
+        DecodedRow {
+            xid,
+            commit_lsn,
+            commit_time,
+            lsn,
+            table,
+            id: e.id,
+            key: e.key.as_deref(),
+            value: e.value.as_deref(),
+            payload: e.payload.as_deref(),
+            payload_kind: e.payload_kind,
+            topic: &e.topic,
+            headers: e.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            partition: e.partition,
+            timestamp: e.timestamp,
+            route_value: e.route_value.as_deref(),
+            event_type: e.event_type.as_deref(),
+            error: e.error.as_deref(),
+        }
+    }
+}
+
+/// One record of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<'a> {
+    Event(DecodedEvent<'a>),
+    Row(DecodedRow<'a>),
+}
+
+const ABSENT_I64: i64 = i64::MIN;
+
+pub fn encode_row_binary(out: &mut Vec<u8>, d: &DecodedRow<'_>) {
+    out.push(VERSION_ADOPTED);
+    codec::put_u32(out, d.xid);
+    out.extend_from_slice(&d.commit_lsn.to_le_bytes());
+    out.extend_from_slice(&d.commit_time.to_le_bytes());
+    out.extend_from_slice(&d.lsn.to_le_bytes());
+    out.extend_from_slice(&d.id);
+    out.push(d.payload_kind as u8);
+    codec::put_str(out, d.table);
+    codec::put_opt_str(out, d.key);
+    codec::put_opt_bytes(out, d.value);
+    codec::put_opt_bytes(out, d.payload);
+    codec::put_str(out, d.topic);
+    codec::put_u32(out, d.headers.len() as u32);
+    for (k, v) in &d.headers {
+        codec::put_str(out, k);
+        codec::put_str(out, v);
+    }
+    out.extend_from_slice(&d.partition.map_or(ABSENT_I64, i64::from).to_le_bytes());
+    out.extend_from_slice(&d.timestamp.unwrap_or(ABSENT_I64).to_le_bytes());
+    codec::put_opt_str(out, d.route_value);
+    codec::put_opt_str(out, d.event_type);
+    codec::put_opt_str(out, d.error);
+}
+
+/// Either kind of record, told apart by its version byte.
+pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodedError> {
+    if bytes.first() != Some(&VERSION_ADOPTED) {
+        return decode_binary(bytes).map(Record::Event);
+    }
+    let mut r = Reader::new(&bytes[1..]);
+    let xid = r.u32()?;
+    let commit_lsn = r.u64()?;
+    let commit_time = r.i64()?;
+    let lsn = r.u64()?;
+    let id = r.array()?;
+    let [kind] = r.array()?;
+    let payload_kind = PayloadKind::from_u8(kind).ok_or(DecodedError::UnknownSource(kind))?;
+    let table = r.str()?;
+    let key = r.opt_str()?;
+    let value = r.opt_bytes()?;
+    let payload = r.opt_bytes()?;
+    let topic = r.str()?;
+    let n = r.u32()? as usize;
+    let mut headers = Vec::with_capacity(n.min(r.remaining() / 8));
+    for _ in 0..n {
+        headers.push((r.str()?, r.str()?));
+    }
+    let partition = match r.i64()? {
+        ABSENT_I64 => None,
+        p => Some(p as i32),
+    };
+    let timestamp = Some(r.i64()?).filter(|t| *t != ABSENT_I64);
+    let route_value = r.opt_str()?;
+    let event_type = r.opt_str()?;
+    let error = r.opt_str()?;
+    r.finish()?;
+    Ok(Record::Row(DecodedRow {
+        xid,
+        commit_lsn,
+        commit_time,
+        lsn,
+        table,
+        id,
+        key,
+        value,
+        payload,
+        payload_kind,
+        topic,
+        headers,
+        partition,
+        timestamp,
+        route_value,
+        event_type,
+        error,
+    }))
+}
+
+/// A payload rendered as JSON: JSON as it is, text as a string, bytes as a
+/// base64 string.
+fn json_payload(out: &mut String, b: Option<&[u8]>, kind: PayloadKind) {
+    match (b, kind) {
+        (None, _) => out.push_str("null"),
+        (Some(b), PayloadKind::Json) => out.push_str(&String::from_utf8_lossy(b)),
+        (Some(b), PayloadKind::Text) => json_str(out, &String::from_utf8_lossy(b)),
+        (Some(b), PayloadKind::Bytes) => json_str(out, &crate::adopt::base64(b)),
+    }
+}
+
+/// The JSON text rendering of an adopted row's record.
+pub fn encode_row_json(out: &mut String, d: &DecodedRow<'_>) {
+    let opt = |out: &mut String, s: Option<&str>| match s {
+        Some(s) => json_str(out, s),
+        None => out.push_str("null"),
+    };
+    out.push_str("{\"id\":\"");
+    out.push_str(&format_uuid(&d.id));
+    out.push_str("\",\"source\":\"adopted\",\"table\":");
+    json_str(out, d.table);
+    out.push_str(",\"xid\":");
+    out.push_str(&d.xid.to_string());
+    out.push_str(",\"commit_lsn\":\"");
+    out.push_str(&lsn::format(d.commit_lsn));
+    out.push_str("\",\"commit_time\":\"");
+    out.push_str(&time::format_rfc3339(time::pg_to_unix_micros(d.commit_time)));
+    out.push_str("\",\"lsn\":\"");
+    out.push_str(&lsn::format(d.lsn));
+    out.push_str("\",\"topic\":");
+    json_str(out, d.topic);
+    out.push_str(",\"key\":");
+    opt(out, d.key);
+    out.push_str(",\"partition\":");
+    out.push_str(&d.partition.map_or("null".to_owned(), |p| p.to_string()));
+    out.push_str(",\"timestamp\":");
+    match d.timestamp {
+        Some(t) => json_str(out, &time::format_rfc3339(time::pg_to_unix_micros(t))),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"headers\":[");
+    for (i, (k, v)) in d.headers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        json_str(out, k);
+        out.push(',');
+        json_str(out, v);
+        out.push(']');
+    }
+    out.push_str("],\"error\":");
+    opt(out, d.error);
+    out.push_str(",\"value\":");
+    // The value is the payload, or the envelope (JSON).
+    let kind = if d.value.is_some() && d.value != d.payload { PayloadKind::Json } else { d.payload_kind };
+    json_payload(out, d.value, kind);
+    out.push('}');
 }
 
 fn json_str(out: &mut String, s: &str) {
@@ -204,13 +404,50 @@ mod tests {
         assert_eq!(decode_binary(&out[..out.len() - 1]).map(|_| ()), Err(DecodedError::Malformed(CodecError::Truncated { offset: out.len() - 15, needed: 1 })));
     }
 
+    fn row() -> RowEvent {
+        RowEvent {
+            id: [0xcd; 16],
+            key: None,
+            value: Some(vec![0, 159, 146, 150]),
+            payload: Some(vec![0, 159, 146, 150]),
+            payload_kind: PayloadKind::Bytes,
+            topic: "outbox.event.Order".into(),
+            headers: vec![("id".into(), "7".into()), ("eventType".into(), "Placed".into())],
+            partition: Some(3),
+            timestamp: None,
+            route_value: Some("Order".into()),
+            event_type: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn adopted_rows_round_trip_and_every_truncation_is_an_error() {
+        let e = row();
+        let d = DecodedRow::of(&e, "public.outboxevent", 9, 0x200, 5, 0x100);
+        let mut out = Vec::new();
+        encode_row_binary(&mut out, &d);
+        assert_eq!(decode_record(&out).unwrap(), Record::Row(d.clone()));
+        for cut in 0..out.len() {
+            assert!(decode_record(&out[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut s = String::new();
+        encode_row_json(&mut s, &d);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!((v["key"].is_null(), v["partition"].as_i64(), v["value"].as_str()), (true, Some(3), Some("AJ+Slg==")));
+        assert_eq!(v["headers"][1][0], "eventType");
+        let mut ev = Vec::new();
+        encode_binary(&mut ev, &sample());
+        assert_eq!(decode_record(&ev).unwrap(), Record::Event(sample()), "version 1 records still read");
+    }
+
     #[test]
     fn rejects_unknown_versions_and_sources() {
         let mut out = Vec::new();
         encode_binary(&mut out, &sample());
-        let mut v2 = out.clone();
-        v2[0] = 2;
-        assert_eq!(decode_binary(&v2), Err(DecodedError::UnknownVersion(2)));
+        let mut v3 = out.clone();
+        v3[0] = 3;
+        assert_eq!(decode_binary(&v3), Err(DecodedError::UnknownVersion(3)));
         let mut s9 = out.clone();
         s9[1] = 9;
         assert_eq!(decode_binary(&s9), Err(DecodedError::UnknownSource(9)));

@@ -5,6 +5,7 @@
 //! extension crate is a thin Postgres shell around it.
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod amqp;
 pub mod cloudevents;
 pub mod codec;
