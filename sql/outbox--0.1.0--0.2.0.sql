@@ -129,3 +129,47 @@ REVOKE ALL ON FUNCTION outbox_relay_status() FROM PUBLIC;
 REVOKE ALL ON outbox_status FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox_relay_status() TO pg_monitor;
 GRANT SELECT ON outbox_status TO pg_monitor;
+
+-- 4. Dead letters of adopted tables (outbox.tables): their payload may be
+-- any bytes and their key NULL. Columns are added at the end, as a fresh
+-- install has them; re-publishing leaves those rows alone.
+ALTER TABLE outbox_dead_letter
+    ALTER COLUMN aggregateid DROP NOT NULL,
+    ALTER COLUMN payload DROP NOT NULL,
+    ADD COLUMN payload_bytes bytea,
+    ADD COLUMN adopted boolean NOT NULL DEFAULT false,
+    ADD COLUMN source_table text,
+    ADD CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR (payload IS NOT NULL AND aggregateid IS NOT NULL));
+CREATE OR REPLACE FUNCTION outbox_dead_letter_republish(event_id uuid DEFAULT NULL) RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    n bigint := 0;
+BEGIN
+    FOR r IN
+        WITH d AS (
+            DELETE FROM @extschema@.outbox_dead_letter
+            WHERE (event_id IS NULL OR id = event_id) AND NOT adopted
+            RETURNING *
+        )
+        SELECT * FROM d ORDER BY commit_lsn, id
+    LOOP
+        PERFORM @extschema@.outbox_emit_with_id(r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.headers, r.topic);
+        n := n + 1;
+    END LOOP;
+    IF event_id IS NOT NULL AND n = 0 THEN
+        IF EXISTS (SELECT FROM @extschema@.outbox_dead_letter l WHERE l.id = event_id AND l.adopted) THEN
+            RAISE EXCEPTION 'dead letter % is a row of an adopted table: it is published again from that table', event_id
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Insert the row into its table again (source_table; payload_bytes holds its payload), then delete the dead letter.';
+        END IF;
+        RAISE EXCEPTION 'no dead letter with id %', event_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'SELECT id, reason FROM outbox_dead_letter lists them.';
+    END IF;
+    RETURN n;
+END
+$$;
+

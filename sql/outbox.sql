@@ -117,19 +117,27 @@ AS 'MODULE_PATHNAME', 'outbox_drain';
 -- dead_letter (the stream goes on without them). Fix the cause, then
 -- outbox_dead_letter_republish(). `topic` is where the event was routed
 -- (NULL when no topic could be derived); UPDATE it to send the event
--- elsewhere when re-publishing.
+-- elsewhere when re-publishing. Rows of adopted tables (outbox.tables) are
+-- `adopted`: their payload is kept as bytes in `payload_bytes`, their key
+-- may be NULL, `source_table` names the table (NULL when a broker refused
+-- the message, which names only the topic), and they are published again
+-- by inserting the row into that table.
 CREATE TABLE outbox_dead_letter (
     id               uuid        NOT NULL PRIMARY KEY,
     aggregatetype    text        NOT NULL,
-    aggregateid      text        NOT NULL,
+    aggregateid      text,
     type             text        NOT NULL,
-    payload          jsonb       NOT NULL,
+    payload          jsonb,
     headers          jsonb       NOT NULL DEFAULT '{}',
     topic            text,
     reason           text        NOT NULL,
     commit_lsn       pg_lsn      NOT NULL,
     committed_at     timestamptz NOT NULL,
-    dead_lettered_at timestamptz NOT NULL DEFAULT now()
+    dead_lettered_at timestamptz NOT NULL DEFAULT now(),
+    payload_bytes    bytea,
+    adopted          boolean     NOT NULL DEFAULT false,
+    source_table     text,
+    CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR (payload IS NOT NULL AND aggregateid IS NOT NULL))
 );
 
 COMMENT ON TABLE outbox_dead_letter IS 'Events Kafka rejected for good, with the reason; re-publish with outbox_dead_letter_republish()';
@@ -166,7 +174,7 @@ BEGIN
     FOR r IN
         WITH d AS (
             DELETE FROM @extschema@.outbox_dead_letter
-            WHERE event_id IS NULL OR id = event_id
+            WHERE (event_id IS NULL OR id = event_id) AND NOT adopted
             RETURNING *
         )
         SELECT * FROM d ORDER BY commit_lsn, id
@@ -175,6 +183,11 @@ BEGIN
         n := n + 1;
     END LOOP;
     IF event_id IS NOT NULL AND n = 0 THEN
+        IF EXISTS (SELECT FROM @extschema@.outbox_dead_letter l WHERE l.id = event_id AND l.adopted) THEN
+            RAISE EXCEPTION 'dead letter % is a row of an adopted table: it is published again from that table', event_id
+                USING ERRCODE = 'feature_not_supported',
+                      HINT = 'Insert the row into its table again (source_table; payload_bytes holds its payload), then delete the dead letter.';
+        END IF;
         RAISE EXCEPTION 'no dead letter with id %', event_id
             USING ERRCODE = 'no_data_found',
                   HINT = 'SELECT id, reason FROM outbox_dead_letter lists them.';

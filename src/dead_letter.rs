@@ -20,9 +20,17 @@ use outbox_core::lsn;
 pub struct Letter {
     pub id: String,
     pub aggregate_type: String,
-    pub aggregate_id: String,
+    /// None: a row of an adopted table with a NULL key.
+    pub aggregate_id: Option<String>,
     pub event_type: String,
-    pub payload: String,
+    /// The JSON payload of outbox's own events.
+    pub payload: Option<String>,
+    /// An adopted table's row: its payload's bytes (None when NULL).
+    pub payload_bytes: Option<Vec<u8>>,
+    /// A row of an adopted table; `source_table` names it when known (a
+    /// refusal in a sink's delivery report names only the topic).
+    pub adopted: bool,
+    pub source_table: Option<String>,
     pub headers: Vec<(String, String)>,
     /// The topic it was routed to; None when no topic could be derived.
     pub topic: Option<String>,
@@ -38,11 +46,31 @@ impl Letter {
         Letter {
             id: outbox_core::format_uuid(&ev.id),
             aggregate_type: ev.aggregate_type.to_owned(),
-            aggregate_id: ev.aggregate_id.to_owned(),
+            aggregate_id: Some(ev.aggregate_id.to_owned()),
             event_type: ev.event_type.to_owned(),
-            payload: ev.payload.to_owned(),
+            payload: Some(ev.payload.to_owned()),
+            payload_bytes: None,
+            adopted: false,
+            source_table: None,
             headers: ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             topic: destination.map(str::to_owned),
+            commit_time: d.commit_time,
+        }
+    }
+
+    /// A row of an adopted table, as decoded.
+    pub fn of_row(d: &outbox_core::decoded::DecodedRow<'_>) -> Letter {
+        Letter {
+            id: outbox_core::format_uuid(&d.id),
+            aggregate_type: d.route_value.unwrap_or_default().to_owned(),
+            aggregate_id: d.key.map(str::to_owned),
+            event_type: d.event_type.unwrap_or_default().to_owned(),
+            payload: None,
+            payload_bytes: d.payload.map(<[u8]>::to_vec),
+            adopted: true,
+            source_table: Some(d.table.to_owned()),
+            headers: d.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            topic: Some(d.topic.to_owned()).filter(|t| !t.is_empty()),
             commit_time: d.commit_time,
         }
     }
@@ -51,12 +79,34 @@ impl Letter {
     /// gone by then): `id`, `type` and `aggregatetype` come out of the
     /// headers the relay put them in.
     pub fn of_returned(r: crate::sink::Returned, destination: &str, commit_time: i64) -> Letter {
+        if r.adopted {
+            // The router's headers, kept as they are; the id as decoding
+            // derives it (outbox_core::adopt::row_event).
+            let text = r.headers.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or_default();
+            let id = uuid::Uuid::parse_str(text).map(|u| *u.as_bytes()).unwrap_or_else(|_| outbox_core::adopt::derived_id(destination, text));
+            return Letter {
+                id: outbox_core::format_uuid(&id),
+                aggregate_type: String::new(),
+                aggregate_id: r.key,
+                event_type: String::new(),
+                payload: None,
+                payload_bytes: r.value,
+                adopted: true,
+                source_table: None,
+                headers: r.headers,
+                topic: Some(destination.to_owned()),
+                commit_time,
+            };
+        }
         let mut l = Letter {
             id: String::new(),
             aggregate_type: String::new(),
             aggregate_id: r.key,
             event_type: String::new(),
-            payload: r.value,
+            payload: Some(r.value.map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()),
+            payload_bytes: None,
+            adopted: false,
+            source_table: None,
             headers: Vec::new(),
             topic: Some(destination.to_owned()),
             commit_time,
@@ -98,9 +148,10 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
         // is named with its schema, so nothing resolves through a
         // search_path a user could write to (the worker pins it too).
         "INSERT INTO {schema}.outbox_dead_letter
-             (id, aggregatetype, aggregateid, type, payload, headers, topic, reason, commit_lsn, committed_at)
+             (id, aggregatetype, aggregateid, type, payload, headers, topic, reason, commit_lsn, committed_at,
+              payload_bytes, adopted, source_table)
          VALUES ($1::pg_catalog.uuid, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.jsonb, $7, $8,
-                 $9::pg_catalog.pg_lsn, $10)
+                 $9::pg_catalog.pg_lsn, $10, $11, $12, $13)
          ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, dead_lettered_at = pg_catalog.now()"
     );
     BackgroundWorker::transaction(|| {
@@ -110,17 +161,20 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
                 l.headers.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
             )
             .to_string();
-            let args: [DatumWithOid; 10] = [
+            let args: [DatumWithOid; 13] = [
                 l.id.as_str().into(),
                 l.aggregate_type.as_str().into(),
-                l.aggregate_id.as_str().into(),
+                l.aggregate_id.as_deref().into(),
                 l.event_type.as_str().into(),
-                l.payload.as_str().into(),
+                l.payload.as_deref().into(),
                 headers.as_str().into(),
                 l.topic.as_deref().into(),
                 p.reason.as_str().into(),
                 lsn::format(p.commit_lsn).into(),
                 committed_at(l.commit_time).into(),
+                l.payload_bytes.as_deref().into(),
+                l.adopted.into(),
+                l.source_table.as_deref().into(),
             ];
             Spi::run_with_args(&sql, &args)?;
         }

@@ -101,6 +101,26 @@ pub unsafe fn insert_new_tuple(change: *mut pg_sys::ReorderBufferChange) -> pg_s
     }
 }
 
+/// A tuple descriptor's attribute `i` (TupleDescAttr): an array member on
+/// 15–17; on 18 the full attributes follow the `natts` compact ones.
+///
+/// # Safety
+/// `desc` is a valid descriptor and `i < natts`.
+pub unsafe fn tuple_desc_attr(desc: pg_sys::TupleDesc, i: usize) -> *const pg_sys::FormData_pg_attribute {
+    // SAFETY: the caller's; the layouts are those of each major's tupdesc.h.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        {
+            (*desc).attrs.as_ptr().add(i)
+        }
+        #[cfg(feature = "pg18")]
+        {
+            let full = (*desc).compact_attrs.as_ptr().add((*desc).natts as usize).cast::<pg_sys::FormData_pg_attribute>();
+            full.add(i)
+        }
+    }
+}
+
 /// This process's number in the PGPROC array (for SetLatch from others).
 ///
 /// # Safety

@@ -21,6 +21,7 @@ compile_error!("outbox supports PostgreSQL 15, 16, 17 and 18 (see src/ffi.rs)");
 
 use pgrx::prelude::*;
 
+mod adopt;
 mod clock;
 mod dead_letter;
 mod emit;

@@ -19,10 +19,15 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 
-use outbox_core::decoded::{self, DecodedEvent, Source};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use outbox_core::adopt::{self as core_adopt, Plan, TableName};
+use outbox_core::decoded::{self, DecodedEvent, DecodedRow, Source};
+use outbox_core::router::{Mapping, OnUpdate};
 use outbox_core::{lsn, message, Event, MESSAGE_PREFIX};
 
-use crate::{key, row};
+use crate::{adopt, key, row, settings};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -37,6 +42,11 @@ struct State {
     /// Whether a relation (by oid) is the extension's outbox table. Keyed by
     /// oid so a table dropped and recreated is looked up afresh.
     is_outbox: HashMap<pg_sys::Oid, bool>,
+    /// Adopted tables (`outbox.tables`): the settings as last parsed, and
+    /// per relation whether it is one and how its columns map.
+    adopted: Adopted,
+    /// RELCACHE_GENERATION when the per-relation maps were last valid.
+    generation: u64,
     bin: Vec<u8>,
     text: String,
     /// Reset after each change and message, as test_decoding does: what a
@@ -120,7 +130,16 @@ unsafe extern "C-unwind" fn startup(
             pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         );
-        let st = Box::new(State { format, is_outbox: HashMap::new(), bin: Vec::new(), text: String::new(), per_change });
+        register_relcache_callback();
+        let st = Box::new(State {
+            format,
+            is_outbox: HashMap::new(),
+            adopted: Adopted::default(),
+            generation: RELCACHE_GENERATION.load(Ordering::Relaxed),
+            bin: Vec::new(),
+            text: String::new(),
+            per_change,
+        });
         (*ctx).output_plugin_private = Box::into_raw(st).cast();
     }
 }
@@ -151,6 +170,19 @@ unsafe extern "C-unwind" fn commit(
 
 /// Writes one output record for an event of the transaction being replayed.
 unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, d: DecodedEvent<'_>) {
+    // SAFETY: as write_record's.
+    unsafe { write_record(ctx, |b| decoded::encode_binary(b, &d), |t| decoded::encode_json(t, &d)) }
+}
+
+/// Writes one output record for a row of an adopted table.
+unsafe fn emit_row(ctx: *mut pg_sys::LogicalDecodingContext, d: DecodedRow<'_>) {
+    // SAFETY: as write_record's.
+    unsafe { write_record(ctx, |b| decoded::encode_row_binary(b, &d), |t| decoded::encode_row_json(t, &d)) }
+}
+
+/// Writes one output record, rendered by `binary` or `json` as the
+/// context's format asks.
+unsafe fn write_record(ctx: *mut pg_sys::LogicalDecodingContext, binary: impl FnOnce(&mut Vec<u8>), json: impl FnOnce(&mut String)) {
     // SAFETY: called from a decoding callback, where ctx->out is the
     // context's output buffer and Prepare/Write bracket one record.
     unsafe {
@@ -158,12 +190,12 @@ unsafe fn emit(ctx: *mut pg_sys::LogicalDecodingContext, d: DecodedEvent<'_>) {
         let (ptr, len) = match st.format {
             Format::Binary => {
                 st.bin.clear();
-                decoded::encode_binary(&mut st.bin, &d);
+                binary(&mut st.bin);
                 (st.bin.as_ptr(), st.bin.len())
             }
             Format::Json => {
                 st.text.clear();
-                decoded::encode_json(&mut st.text, &d);
+                json(&mut st.text);
                 (st.text.as_ptr(), st.text.len())
             }
         };
@@ -288,10 +320,19 @@ unsafe extern "C-unwind" fn change(
 ) {
     // SAFETY: all pointers are the reorder buffer's for this change.
     unsafe { in_change_context(ctx, || {
+        forget_stale_relations(state(ctx));
         if (*change).action != pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT {
+            if (*change).action == pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_UPDATE {
+                if let Some((table, Ok(_))) = adopted_plan(state(ctx), relation) {
+                    updated_adopted_row(ctx, txn, change, &table);
+                }
+            }
             return;
         }
         if !is_outbox_table(state(ctx), relation) {
+            if let Some((table, plan)) = adopted_plan(state(ctx), relation) {
+                adopted_row(ctx, txn, relation, change, &table, plan);
+            }
             return;
         }
         let tuple = crate::ffi::insert_new_tuple(change);
@@ -331,4 +372,165 @@ unsafe extern "C-unwind" fn change(
         let (xid, commit_lsn, commit_time) = commit_info(txn);
         emit(ctx, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });
     }) }
+}
+
+/// Bumped by every relcache invalidation this process receives, decoding's
+/// replay of a decoded transaction's catalog changes included (as pgoutput
+/// keeps its relation cache): an ALTER TABLE of an adopted table is seen by
+/// the rows written after it.
+static RELCACHE_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    RELCACHE_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Registers `relcache_changed` once per process (callbacks cannot be
+/// removed; there is a fixed number of slots).
+fn register_relcache_callback() {
+    thread_local! { static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if !DONE.with(|d| d.replace(true)) {
+        // SAFETY: a plain registration of a #[pg_guard] callback.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) };
+    }
+}
+
+/// Drops what is known about relations when a relcache invalidation came
+/// in since it was learnt.
+fn forget_stale_relations(st: &mut State) {
+    let now = RELCACHE_GENERATION.load(Ordering::Relaxed);
+    if now != st.generation {
+        st.generation = now;
+        st.is_outbox.clear();
+        st.adopted.plans.clear();
+    }
+}
+
+/// The parsed settings: the tables and their mapping, or why they do not parse.
+type Config = Result<Rc<(Vec<TableName>, Mapping)>, String>;
+/// An adopted table's name and plan, or why the mapping does not fit it.
+type Entry = (String, Result<Rc<Plan>, String>);
+
+#[derive(Default)]
+struct Adopted {
+    /// `outbox.tables` and `outbox.table_options` as last read.
+    raw: (String, String),
+    config: Option<Config>,
+    /// None: not an adopted table. Some: its name and plan, or why the
+    /// mapping does not fit it.
+    plans: HashMap<pg_sys::Oid, Option<Entry>>,
+}
+
+/// The relation's name and plan when it is an adopted table.
+unsafe fn adopted_plan(st: &mut State, relation: pg_sys::Relation) -> Option<Entry> {
+    let a = &mut st.adopted;
+    if a.config.is_none() || !settings::tables::unchanged(&a.raw) {
+        a.raw = settings::tables::raw();
+        a.config = Some(settings::tables::parse(&a.raw.0, &a.raw.1).map(Rc::new));
+        a.plans.clear();
+    }
+    // SAFETY: relation is the change's open relation.
+    let relid = unsafe { (*relation).rd_id };
+    if let Some(known) = a.plans.get(&relid) {
+        return known.clone();
+    }
+    let entry = match a.config.as_ref() {
+        Some(Ok(c)) if !c.0.is_empty() => {
+            // SAFETY: syscache lookups under the historic snapshot.
+            let name = unsafe { adopt::name_of(relation) };
+            c.0.contains(&name).then(|| {
+                let table = name.to_string();
+                // SAFETY: as above.
+                let plan = unsafe { adopt::plan_of(relation, &table, &c.1) }.map(Rc::new);
+                (table, plan)
+            })
+        }
+        _ => None,
+    };
+    a.plans.insert(relid, entry.clone());
+    entry
+}
+
+/// An inserted row of an adopted table: one record, the router's message
+/// or the reason it cannot be one.
+unsafe fn adopted_row(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    relation: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+    table: &str,
+    plan: Result<Rc<Plan>, String>,
+) {
+    // SAFETY: the change's pointers, valid for this callback.
+    unsafe {
+        let tuple = crate::ffi::insert_new_tuple(change);
+        if tuple.is_null() {
+            return;
+        }
+        let at = lsn::format((*change).lsn);
+        let Some(Ok(config)) = state(ctx).adopted.config.clone() else { return };
+        let e = match plan {
+            Ok(plan) => {
+                let desc = (*relation).rd_att;
+                core_adopt::row_event(&config.1, &plan, table, &at, |c| adopt::value(tuple, desc, c))
+            }
+            Err(why) => unreadable_row(table, &at, why),
+        };
+        let (xid, commit_lsn, commit_time) = commit_info(txn);
+        emit_row(ctx, DecodedRow::of(&e, table, xid, commit_lsn, commit_time, (*change).lsn));
+    }
+}
+
+/// A row of a table the mapping no longer fits (it was altered after the
+/// setting was checked): a record carrying the reason.
+fn unreadable_row(table: &str, at: &str, why: String) -> core_adopt::RowEvent {
+    core_adopt::RowEvent {
+        id: core_adopt::derived_id(table, &format!("row at {at}")),
+        key: None,
+        value: None,
+        payload: None,
+        payload_kind: core_adopt::PayloadKind::Bytes,
+        topic: String::new(),
+        headers: Vec::new(),
+        partition: None,
+        timestamp: None,
+        route_value: None,
+        event_type: None,
+        error: Some(format!("row of {table} at {at} cannot be read: {why}")),
+    }
+}
+
+/// An UPDATE of an adopted table: not an event (as the router's
+/// `table.op.invalid.behavior`): logged (warn, error) at most once a minute,
+/// or with `fatal` a record that stops the relay there (or is dead-lettered,
+/// as `outbox.on_rejected_event` says).
+unsafe fn updated_adopted_row(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    change: *mut pg_sys::ReorderBufferChange,
+    table: &str,
+) {
+    thread_local! {
+        static LIMIT: std::cell::RefCell<outbox_core::rate_limit::RateLimit> =
+            const { std::cell::RefCell::new(outbox_core::rate_limit::RateLimit::new(60_000)) };
+    }
+    // SAFETY: the change's pointers, valid for this callback.
+    unsafe {
+        let at = lsn::format((*change).lsn);
+        let Some(Ok(config)) = state(ctx).adopted.config.clone() else { return };
+        if config.1.on_update == OnUpdate::Fatal {
+            let e = unreadable_row(table, &at, "an UPDATE, and table.op.invalid.behavior is fatal".to_owned());
+            let (xid, commit_lsn, commit_time) = commit_info(txn);
+            emit_row(ctx, DecodedRow::of(&e, table, xid, commit_lsn, commit_time, (*change).lsn));
+            return;
+        }
+        let now_ms = (pg_sys::GetCurrentTimestamp() / 1000).max(0) as u64;
+        if let Some(unsaid) = LIMIT.with(|l| l.borrow_mut().note(now_ms)) {
+            let more = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+            warning!(
+                "outbox: ignoring an UPDATE of adopted table {table} at LSN {at}: only inserted rows are events \
+                 (table.op.invalid.behavior); logged at most once a minute{more}"
+            );
+        }
+    }
 }

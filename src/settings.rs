@@ -39,6 +39,7 @@ macro_rules! string_check_hook {
 
 pub mod amqp;
 pub mod cloudevents;
+pub mod tables;
 
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static SLOT_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"outbox"));
@@ -149,6 +150,7 @@ pub fn init() {
         init_relay();
         amqp::init();
         cloudevents::init();
+        tables::init();
         // A typo such as outbox.slotname is then an error, not a silent no-op.
         pg_sys::MarkGUCPrefixReserved(c"outbox".as_ptr());
     }

@@ -279,7 +279,7 @@ impl Value {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowEvent {
     /// The event id the relay's books and the dead-letter table use: the
-    /// id column if it is a uuid, else derived from the table and the id's
+    /// id column if it is a uuid, else derived from the topic and the id's
     /// text (so the same row gets the same id each time it is decoded).
     pub id: [u8; 16],
     /// The Kafka key; None: a null key (a NULL key column, as the router).
@@ -304,10 +304,10 @@ pub struct RowEvent {
 }
 
 /// The 16-byte id of a row whose id column is not a uuid: a name-based
-/// UUID (version 8) of the table and the id's text.
-pub fn derived_id(table: &str, id_text: &str) -> [u8; 16] {
+/// UUID (version 8) of a scope (the row's topic) and the id's text.
+pub fn derived_id(scope: &str, id_text: &str) -> [u8; 16] {
     let mut h = Sha256::new();
-    h.update(table.as_bytes());
+    h.update(scope.as_bytes());
     h.update([0]);
     h.update(id_text.as_bytes());
     let d = h.finalize();
@@ -321,11 +321,17 @@ pub fn derived_id(table: &str, id_text: &str) -> [u8; 16] {
 /// Builds the message for one row. `get` gives a column's value; `at` names
 /// the row (its LSN) for an id when the id column is NULL.
 pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(Col) -> Value) -> RowEvent {
+    let route_value = get(plan.route).text();
+    let topic = m.route.topic(route_value.as_deref());
     let idv = get(plan.id);
     let id_text = idv.text();
+    // Derived from the topic, which a sink's delivery report also names, so
+    // a row refused by the broker is dead-lettered under the id decoding
+    // gives it again after a restart.
+    let scope = topic.as_deref().unwrap_or(table);
     let id = match (&idv, &id_text) {
         (Value::Uuid(u), _) => *u,
-        (_, Some(t)) => derived_id(table, t),
+        (_, Some(t)) => derived_id(scope, t),
         (_, None) => derived_id(table, &format!("NULL at {at}")),
     };
     let payload = match get(plan.payload) {
@@ -333,7 +339,6 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
         Value::Bytes(b) => Some(b),
         other => other.text().map(String::into_bytes),
     };
-    let route_value = get(plan.route).text();
     let mut e = RowEvent {
         id,
         key: get(plan.key).text(),
@@ -366,7 +371,7 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
             e.headers.push(("traceparent".to_owned(), tp.to_owned()));
         }
     }
-    match m.route.topic(e.route_value.as_deref()) {
+    match topic {
         Ok(t) => e.topic = t,
         Err(why) => errors.push(why),
     }

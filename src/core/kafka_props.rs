@@ -11,6 +11,21 @@
 
 pub fn parse(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
+    for (k, v) in pairs(s)? {
+        check_name(&k, &format!("\"{k}={v}\""))?;
+        if let Some((seen, _)) = out.iter().find(|(seen, _)| canonical(seen) == canonical(&k)) {
+            return Err(format!("property \"{k}\" is given twice{}", same_as(seen, &k)));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// `key=value` pairs separated by `;` (`\;` is a literal one), trimmed,
+/// empty items skipped; the syntax of this setting and of
+/// `outbox.table_options`. A key given twice is refused.
+pub fn pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
     let mut item = String::new();
     let mut items = Vec::new();
     let mut chars = s.chars().peekable();
@@ -34,9 +49,11 @@ pub fn parse(s: &str) -> Result<Vec<(String, String)>, String> {
             .split_once('=')
             .ok_or_else(|| format!("\"{item}\" is not of the form key=value"))?;
         let (k, v) = (k.trim(), v.trim());
-        check_name(k, &format!("\"{item}\""))?;
-        if let Some((seen, _)) = out.iter().find(|(seen, _)| canonical(seen) == canonical(k)) {
-            return Err(format!("property \"{k}\" is given twice{}", same_as(seen, k)));
+        if k.is_empty() {
+            return Err(format!("\"{item}\" has an empty property name"));
+        }
+        if out.iter().any(|(seen, _)| seen == k) {
+            return Err(format!("\"{k}\" is given twice"));
         }
         out.push((k.to_owned(), v.to_owned()));
     }

@@ -107,8 +107,9 @@ impl Deliver {
             // the stream, so this one is decoded and sent again after it.
             return;
         }
-        let d = match decoded::decode_binary(bytes) {
-            Ok(d) => d,
+        let d = match decoded::decode_record(bytes) {
+            Ok(decoded::Record::Event(d)) => d,
+            Ok(decoded::Record::Row(r)) => return self.handle_row(&r),
             Err(e) => {
                 warning!("outbox relay: skipping an output record it cannot read: {e}");
                 return;
@@ -119,17 +120,8 @@ impl Deliver {
         let seq = self.ledger.sent(d.commit_lsn, d.commit_time, row, clock::now());
         // Refused before the sink saw it: retrying cannot help.
         let refuse = |me: &mut Self, reason: String, destination: Option<&str>| {
-            let rej = Rejected {
-                reason,
-                destination: destination.unwrap_or_default().to_owned(),
-                event_id: outbox_core::format_uuid(&d.event.id),
-                permanent: true,
-                batch: false,
-                returned: None,
-                connection: false,
-            };
-            let letter = Some(Letter::of_event(&d, destination));
-            me.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false, letter });
+            let letter = Letter::of_event(&d, destination);
+            me.refuse(seq, &d.event.id, d.commit_lsn, d.commit_time, reason, destination, letter);
         };
         if self.dead_known.contains(&(ev.id, d.commit_lsn)) {
             // Dead-lettered before a restart of the stream: settled, not sent again.
@@ -149,22 +141,9 @@ impl Deliver {
             Ok(r) => r,
             Err(reason) => return refuse(self, reason, None),
         };
-        let limit = loop {
-            match self.sink.get().prepare(&destination, &mut || {
-                pg_sys::check_for_interrupts!();
-            }) {
-                Ok(limit) => break limit,
-                Err(DestinationError::Missing(reason)) => return refuse(self, reason, Some(&destination)),
-                Err(DestinationError::Unreachable(reason)) => {
-                    // The sink cannot be asked: wait and ask again, never skip.
-                    self.shared.add_retry();
-                    self.shared.set_broker_up(false);
-                    self.shared.set_error(&reason);
-                    state::feed(Input::SinkUnreachable, Some(&reason));
-                    self.apply_reports(Duration::from_millis(500));
-                    pg_sys::check_for_interrupts!();
-                }
-            }
+        let limit = match self.destination_limit(&destination) {
+            Ok(limit) => limit,
+            Err(reason) => return refuse(self, reason, Some(&destination)),
         };
         // CloudEvents: attribute headers (binary) or the event as the value
         // (structured), and the content type to say. An event header that
@@ -197,36 +176,135 @@ impl Deliver {
                 // As record_size counts a header: name, value and 10 bytes.
                 size += outbox_core::cloudevents::KAFKA_CONTENT_TYPE.len() + ct.len() + 10;
             }
-            if size > limit {
-                // Refused here, before it is sent, so nothing after it can
-                // reach the destination first.
-                let reason = if self.topic_names {
-                    format!("event is too large for topic \"{destination}\": {size} bytes as a Kafka record, its max.message.bytes is {limit}")
-                } else {
-                    format!("event is too large for routing key \"{destination}\": {size} bytes, the server's max_message_size is {limit}")
-                };
+            if let Err(reason) = self.fits(size, limit, &destination) {
                 return refuse(self, reason, Some(&destination));
             }
         }
         let out = OutEvent {
             seq,
             id: &ev.id,
-            key: ev.aggregate_id,
-            value,
-            payload: ev.payload,
+            key: Some(ev.aggregate_id),
+            value: Some(value.as_bytes()),
+            payload: Some(ev.payload.as_bytes()),
+            own_headers: true,
+            partition: None,
             event_type: ev.event_type,
             aggregate_type: ev.aggregate_type,
             headers,
             event_headers: &ev.headers,
             destination: &destination,
-            commit_time: d.commit_time,
+            timestamp: d.commit_time,
             content_type,
         };
+        self.send(&out, d.commit_lsn, d.commit_time, || Letter::of_event(&d, Some(&destination)));
+    }
+
+    /// A row of an adopted table: the router's message, sent as it is
+    /// (routed and checked by the output plugin), or refused with the
+    /// reason the plugin gave.
+    fn handle_row(&mut self, r: &decoded::DecodedRow<'_>) {
+        let seq = self.ledger.sent(r.commit_lsn, r.commit_time, None, clock::now());
+        if self.dead_known.contains(&(r.id, r.commit_lsn)) {
+            self.ledger.settled_elsewhere(seq, false);
+            return;
+        }
+        let destination = Some(r.topic).filter(|t| !t.is_empty());
+        let problem = match (r.error, destination) {
+            (Some(e), _) => Err(e.to_owned()),
+            (None, None) => Err(format!("row of {}: no destination", r.table)),
+            (None, Some(t)) if self.topic_names => outbox_core::validate::topic(t).map_err(|e| e.message),
+            (None, Some(_)) => Ok(()),
+        };
+        let limit = problem.and_then(|()| self.destination_limit(r.topic));
+        let limit = match limit {
+            Ok(limit) => limit,
+            Err(reason) => return self.refuse(seq, &r.id, r.commit_lsn, r.commit_time, reason, destination, Letter::of_row(r)),
+        };
+        if let Some(limit) = limit {
+            let size = r.key.map_or(0, str::len)
+                + r.value.map_or(0, <[u8]>::len)
+                + r.headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum::<usize>()
+                + outbox_core::validate::RECORD_OVERHEAD;
+            if let Err(reason) = self.fits(size, limit, r.topic) {
+                return self.refuse(seq, &r.id, r.commit_lsn, r.commit_time, reason, destination, Letter::of_row(r));
+            }
+        }
+        let out = OutEvent {
+            seq,
+            id: &r.id,
+            key: r.key,
+            value: r.value,
+            payload: r.payload,
+            own_headers: false,
+            partition: r.partition,
+            event_type: r.event_type.unwrap_or_default(),
+            aggregate_type: r.route_value.unwrap_or_default(),
+            headers: &r.headers,
+            event_headers: &r.headers,
+            destination: r.topic,
+            timestamp: r.timestamp.unwrap_or(r.commit_time),
+            content_type: None,
+        };
+        self.send(&out, r.commit_lsn, r.commit_time, || Letter::of_row(r));
+    }
+
+    /// An event refused before the sink saw it: retrying cannot help.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(&mut self, seq: TxnSeq, id: &[u8; 16], commit_lsn: u64, commit_time: i64, reason: String, destination: Option<&str>, letter: Letter) {
+        let rej = Rejected {
+            reason,
+            destination: destination.unwrap_or_default().to_owned(),
+            event_id: outbox_core::format_uuid(id),
+            permanent: true,
+            batch: false,
+            returned: None,
+            connection: false,
+        };
+        self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter) });
+    }
+
+    /// Waits until the sink can take events for `destination` (never
+    /// skipping while it cannot be asked); its size limit, or why it cannot.
+    fn destination_limit(&mut self, destination: &str) -> Result<Option<usize>, String> {
+        loop {
+            match self.sink.get().prepare(destination, &mut || {
+                pg_sys::check_for_interrupts!();
+            }) {
+                Ok(limit) => return Ok(limit),
+                Err(DestinationError::Missing(reason)) => return Err(reason),
+                Err(DestinationError::Unreachable(reason)) => {
+                    // The sink cannot be asked: wait and ask again, never skip.
+                    self.shared.add_retry();
+                    self.shared.set_broker_up(false);
+                    self.shared.set_error(&reason);
+                    state::feed(Input::SinkUnreachable, Some(&reason));
+                    self.apply_reports(Duration::from_millis(500));
+                    pg_sys::check_for_interrupts!();
+                }
+            }
+        }
+    }
+
+    /// Refuses a message larger than the destination takes, before it is
+    /// sent, so nothing after it can reach the destination first.
+    fn fits(&self, size: usize, limit: usize, destination: &str) -> Result<(), String> {
+        if size <= limit {
+            return Ok(());
+        }
+        Err(if self.topic_names {
+            format!("event is too large for topic \"{destination}\": {size} bytes as a Kafka record, its max.message.bytes is {limit}")
+        } else {
+            format!("event is too large for routing key \"{destination}\": {size} bytes, the server's max_message_size is {limit}")
+        })
+    }
+
+    /// Hands `out` to the sink, serving its reports while it has no room.
+    fn send(&mut self, out: &OutEvent<'_>, commit_lsn: u64, commit_time: i64, letter: impl FnOnce() -> Letter) {
         let Deliver { sink, ledger, shared, .. } = self;
         let shared: &'static Shared = shared;
         let mut pending = Vec::new();
         let mut full_since = None;
-        let res = sink.get().send(&out, &mut |reports| {
+        let res = sink.get().send(out, &mut |reports| {
             // The sink has no room: its reports are served meanwhile.
             pending.extend(apply(ledger, shared, reports));
             // A wait inside decoding is visible in the status.
@@ -244,8 +322,8 @@ impl Deliver {
             self.reject(f);
         }
         if let Err(rej) = res {
-            let letter = Some(Letter::of_event(&d, Some(&destination)));
-            self.reject(Failure { seq, rej, commit_lsn: d.commit_lsn, commit_time: d.commit_time, from_report: false, letter });
+            let seq = out.seq;
+            self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter()) });
         }
     }
 

@@ -70,11 +70,12 @@ impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, r: &DeliveryResult<'_>, opaque: usize) {
-        let (seq, cloudevents) = ((opaque & !CLOUDEVENTS_SENT) as u64, opaque & CLOUDEVENTS_SENT != 0);
+        let seq = (opaque & !(CLOUDEVENTS_SENT | ADOPTED_SENT)) as u64;
+        let (cloudevents, adopted) = (opaque & CLOUDEVENTS_SENT != 0, opaque & ADOPTED_SENT != 0);
         let (error, bytes) = match r {
             Ok(msg) => (None, (msg.key_len() + msg.payload_len()) as u64),
             Err((e, msg)) => {
-                let (id, returned) = returned_of(msg, cloudevents);
+                let (id, returned) = returned_of(msg, cloudevents, adopted);
                 (Some(rejected(e, msg.topic(), id, returned)), 0)
             }
         };
@@ -87,17 +88,24 @@ impl ProducerContext for Ctx {
 /// The opaque's top bit: the record was sent as a CloudEvent (the rest is
 /// the event's sequence number, far below it).
 const CLOUDEVENTS_SENT: usize = 1 << (usize::BITS - 1);
+/// The opaque's next bit: the record is a row of an adopted table.
+const ADOPTED_SENT: usize = 1 << (usize::BITS - 2);
 
 /// The event as the relay sent it (see `send`), and its event id; a record
 /// sent as a CloudEvent is given back as the event it carried (its payload,
 /// its own headers), so that a dead letter keeps the event, not its form.
 /// Events whose headers collide with CloudEvents' are never sent with it,
 /// so the attribute headers and `content-type` are exactly the added ones.
-fn returned_of<M: Message>(msg: &M, cloudevents: bool) -> (String, Returned) {
+fn returned_of<M: Message>(msg: &M, cloudevents: bool, adopted: bool) -> (String, Returned) {
     use outbox_core::cloudevents::{header_collides, payload_of_structured, KAFKA_CONTENT_TYPE, KAFKA_PREFIX, STRUCTURED_CONTENT_TYPE};
     use rdkafka::message::Headers;
     let text = |b: Option<&[u8]>| b.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-    let mut r = Returned { key: text(msg.key()), value: text(msg.payload()), headers: Vec::new() };
+    let mut r = Returned {
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        value: msg.payload().map(<[u8]>::to_vec),
+        headers: Vec::new(),
+        adopted,
+    };
     let mut id = String::new();
     let mut structured = false;
     if let Some(hs) = msg.headers() {
@@ -114,8 +122,9 @@ fn returned_of<M: Message>(msg: &M, cloudevents: bool) -> (String, Returned) {
         }
     }
     if structured {
-        if let Some(p) = payload_of_structured(&r.value) {
-            r.value = p.to_owned();
+        let value = r.value.as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+        if let Some(p) = payload_of_structured(&value) {
+            r.value = Some(p.as_bytes().to_vec());
         }
     }
     (id, r)
@@ -310,10 +319,13 @@ impl KafkaSink {
     fn produce(&self, ev: &OutEvent<'_>, on_full: &mut dyn FnMut(&mut Vec<Report>)) -> Result<(), Rejected> {
         let mut id_buf = [0u8; 36];
         let id_text = format_uuid_into(ev.id, &mut id_buf);
-        let mut h = OwnedHeaders::new_with_capacity(3 + ev.headers.len())
-            .insert(Header { key: "id", value: Some(id_text.as_bytes()) })
-            .insert(Header { key: "type", value: Some(ev.event_type.as_bytes()) })
-            .insert(Header { key: "aggregatetype", value: Some(ev.aggregate_type.as_bytes()) });
+        let mut h = OwnedHeaders::new_with_capacity(3 + ev.headers.len());
+        if ev.own_headers {
+            h = h
+                .insert(Header { key: "id", value: Some(id_text.as_bytes()) })
+                .insert(Header { key: "type", value: Some(ev.event_type.as_bytes()) })
+                .insert(Header { key: "aggregatetype", value: Some(ev.aggregate_type.as_bytes()) });
+        }
         for (k, v) in ev.headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
@@ -321,11 +333,20 @@ impl KafkaSink {
             h = h.insert(Header { key: outbox_core::cloudevents::KAFKA_CONTENT_TYPE, value: Some(ct.as_bytes()) });
         }
         let cloudevents = if ev.content_type.is_some() { CLOUDEVENTS_SENT } else { 0 };
-        let mut record = BaseRecord::with_opaque_to(ev.destination, ev.seq as usize | cloudevents)
-            .key(ev.key)
-            .payload(ev.value)
-            .headers(h)
-            .timestamp(time::pg_to_unix_millis(ev.commit_time));
+        let adopted = if ev.own_headers { 0 } else { ADOPTED_SENT };
+        let mut record: BaseRecord<'_, str, [u8], usize> =
+            BaseRecord::with_opaque_to(ev.destination, ev.seq as usize | cloudevents | adopted)
+                .headers(h)
+                .timestamp(time::pg_to_unix_millis(ev.timestamp));
+        if let Some(k) = ev.key {
+            record = record.key(k);
+        }
+        if let Some(v) = ev.value {
+            record = record.payload(v);
+        }
+        if let Some(p) = ev.partition {
+            record = record.partition(p);
+        }
         let mut reports = Vec::new();
         loop {
             match self.producer.send(record) {

@@ -21,13 +21,21 @@ pub mod rabbitmq;
 pub struct OutEvent<'a> {
     pub seq: TxnSeq,
     pub id: &'a [u8; 16],
-    /// The aggregate id: Kafka's message key.
-    pub key: &'a str,
+    /// The aggregate id: Kafka's message key (None: a null key, which only
+    /// an adopted table's row can have).
+    pub key: Option<&'a str>,
     /// The message's value: the payload, or with CloudEvents structured
-    /// mode the event in the JSON event format.
-    pub value: &'a str,
+    /// mode the event in the JSON event format (None: a null value, a
+    /// tombstone).
+    pub value: Option<&'a [u8]>,
     /// The event's payload, as the event carries it.
-    pub payload: &'a str,
+    pub payload: Option<&'a [u8]>,
+    /// The relay's own `id`, `type` and `aggregatetype` go first (outbox's
+    /// events); false for an adopted table's row, whose `headers` are the
+    /// router's, `id` included.
+    pub own_headers: bool,
+    /// An explicit Kafka partition (an adopted table's partition placement).
+    pub partition: Option<i32>,
     pub event_type: &'a str,
     pub aggregate_type: &'a str,
     /// The message's headers besides the relay's own (`id`, `type`,
@@ -37,8 +45,9 @@ pub struct OutEvent<'a> {
     pub event_headers: &'a [(&'a str, &'a str)],
     /// A Kafka topic, or an AMQP routing key.
     pub destination: &'a str,
-    /// Commit time, µs since 2000-01-01.
-    pub commit_time: i64,
+    /// The message's timestamp, µs since 2000-01-01: the commit time, or an
+    /// adopted table's timestamp column.
+    pub timestamp: i64,
     /// The message's content type when it is to be said (CloudEvents): the
     /// Kafka `content-type` header, the AMQP `content_type` property (which
     /// is `application/json` otherwise).
@@ -76,10 +85,12 @@ pub struct Rejected {
 /// A message given back by the sink: the parts the relay handed it.
 #[derive(Debug, Clone, Default)]
 pub struct Returned {
-    pub key: String,
-    pub value: String,
+    pub key: Option<String>,
+    pub value: Option<Vec<u8>>,
     /// The headers as sent, `id`, `type` and `aggregatetype` included.
     pub headers: Vec<(String, String)>,
+    /// A row of an adopted table (its headers are the router's).
+    pub adopted: bool,
 }
 
 impl Returned {
@@ -87,11 +98,18 @@ impl Returned {
     /// and `aggregatetype` first, then the event's own headers.
     pub fn of(ev: &OutEvent<'_>, id: &str) -> Returned {
         let mut headers = Vec::with_capacity(3 + ev.headers.len());
-        headers.extend([("id", id), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type)].map(|(k, v)| (k.to_owned(), v.to_owned())));
+        if ev.own_headers {
+            headers.extend([("id", id), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type)].map(|(k, v)| (k.to_owned(), v.to_owned())));
+        }
         headers.extend(ev.event_headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         // The event as it was before CloudEvents: a dead letter keeps (and
         // re-publishing sends) the event, not its form on the wire.
-        Returned { key: ev.key.to_owned(), value: ev.payload.to_owned(), headers }
+        Returned {
+            key: ev.key.map(str::to_owned),
+            value: ev.payload.map(<[u8]>::to_vec),
+            headers,
+            adopted: !ev.own_headers,
+        }
     }
 }
 

@@ -425,10 +425,9 @@ impl Sink for RabbitSink {
             }
         }
         let mut headers = FieldTable::default();
-        for (k, v) in [("id", id.as_str()), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type), ("aggregateid", ev.key)]
-            .into_iter()
-            .chain(ev.headers.iter().copied())
-        {
+        let own = [("id", id.as_str()), ("type", ev.event_type), ("aggregatetype", ev.aggregate_type)];
+        let own = own.iter().copied().filter(|_| ev.own_headers);
+        for (k, v) in own.chain(ev.key.map(|k| ("aggregateid", k))).chain(ev.headers.iter().copied()) {
             headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
         }
         let props = BasicProperties::default()
@@ -436,7 +435,7 @@ impl Sink for RabbitSink {
             .with_message_id(id.as_str().into())
             .with_type(short(ev.event_type, 255).into())
             .with_app_id("outbox".into())
-            .with_timestamp(time::pg_to_unix_micros(ev.commit_time).div_euclid(1_000_000).max(0) as u64)
+            .with_timestamp(time::pg_to_unix_micros(ev.timestamp).div_euclid(1_000_000).max(0) as u64)
             .with_content_type(ev.content_type.unwrap_or("application/json").into())
             .with_headers(headers);
         let mut m = Outgoing {
@@ -446,10 +445,11 @@ impl Sink for RabbitSink {
                 destination: ev.destination.to_owned(),
                 // The key travels in `Returned::key`, not as `aggregateid`.
                 parts: Returned::of(ev, &id),
-                bytes: (ev.key.len() + ev.value.len()) as u64,
+                bytes: (ev.key.map_or(0, str::len) + ev.value.map_or(0, <[u8]>::len)) as u64,
             },
             routing_key: short(ev.destination, 255).into(),
-            body: ev.value.as_bytes().to_vec(),
+            // AMQP has no null body: a tombstone is an empty one.
+            body: ev.value.unwrap_or_default().to_vec(),
             props,
         };
         let mut reports = Vec::new();

@@ -1,0 +1,286 @@
+"""Adopted tables (outbox.tables): an application's own Debezium-style outbox
+table, which the test creates as the application would and outbox did not,
+published with nothing configured but the connector's router block,
+translated line by line (`transforms.outbox.<option>=<value>;`).
+
+The first two tests run the same rows through Debezium 3.6's Outbox Event
+Router (PostgreSQL connector, Kafka Connect, converters that pass bytes
+through) on a broker of its own, and compare record by record: topic, key,
+value bytes, partition, timestamp and headers. What Debezium cannot show
+here is checked against the router's documented behaviour: `traceparent`
+from the span-context column (Debezium injects one only with OpenTelemetry
+on its classpath), rows that cannot become events (dead-lettered with the
+reason), and bad mappings (refused when set)."""
+
+import datetime
+import json
+import uuid
+
+from psycopg import sql
+import pytest
+
+import rig
+from helpers import sqlstate_of, with_relay_restarted
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture(scope="module")
+def dbz_broker(pg):
+    """Debezium's own broker, so that both can publish to the same topic names."""
+    b = rig.KafkaBroker(port=rig.KAFKA_PORT + 420)
+    b.reset()
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def app(db):
+    """The application's schema; outbox.tables reset afterwards."""
+    with db.connect() as c:
+        c.execute("DROP SCHEMA IF EXISTS app CASCADE")
+        c.execute("CREATE SCHEMA app")
+    yield db
+    adopt(db, None, None)
+    with_relay_restarted(db, on_rejected_event=None)
+    with db.connect() as c:
+        c.execute("DROP SCHEMA app CASCADE")
+
+
+def adopt(db, tables, table_options):
+    """Sets outbox.table_options and outbox.tables, each checked against
+    the other's value in force: the mapping first when adopting, the tables
+    first when letting go."""
+    if tables:
+        with_relay_restarted(db, table_options=table_options)
+        with_relay_restarted(db, tables=tables)
+    else:
+        with_relay_restarted(db, tables=tables)
+        with_relay_restarted(db, table_options=table_options)
+
+
+def options(router: dict[str, str]) -> str:
+    """The connector's router block as outbox.table_options: each line of
+    the .properties block becomes `line;`."""
+    return "".join(f"transforms.outbox.{k}={v}; " for k, v in router.items())
+
+
+def run_both(db, broker, dbz_broker, table, router, topics: dict[str, int], write, worker=None):
+    """Debezium (router `router` on `table`) and outbox (the same block as
+    outbox.table_options) publish the rows `write` commits, `topics[t]`
+    records to topic t; returns the (ours, theirs) records paired by their
+    `id` header."""
+    for b in (broker, dbz_broker):
+        for t in topics:
+            b.create_topic(t, partitions=3)
+    adopt(db, table, options(router))
+    dbz = rig.DebeziumConnect(db, dbz_broker, table=table, converters="string", router=router, worker=worker,
+                              slot=f"dbz_adopt_{uuid.uuid4().hex[:6]}")
+    dbz.start()
+    try:
+        with db.connect() as c:
+            write(c)
+        rig.drain(db)
+        # linger: a delete or an update must not become a record.
+        ours = [m | {"topic": t} for t, n in topics.items() for m in broker.consume(t, expect=n, timeout=30, linger=1)]
+        theirs = [m | {"topic": t} for t, n in topics.items() for m in dbz_broker.consume(t, expect=n, timeout=90, linger=3)]
+    finally:
+        dbz.stop()
+    n = sum(topics.values())
+    assert len(ours) == n, f"outbox published {len(ours)} records for {n} inserted rows"
+    assert len(theirs) == n, f"Debezium published {len(theirs)} records for {n} inserted rows"
+    by_id = lambda ms: {m["headers"]["id"]: m for m in ms}  # noqa: E731
+    o, t = by_id(ours), by_id(theirs)
+    assert set(o) == set(t)
+    return [(o[i], t[i]) for i in o]
+
+
+def same_record(ours, theirs):
+    assert ours["topic"] == theirs["topic"]
+    assert ours["key"] == theirs["key"]
+    assert ours["value"] == theirs["value"], (ours["value"], theirs["value"])
+    if ours["key"] is not None:
+        # A null key's partition is the partitioner's free choice.
+        assert ours["partition"] == theirs["partition"]
+    assert ours["timestamp"] == theirs["timestamp"]
+    dbz_headers = {k: v for k, v in theirs["headers"].items() if not k.startswith("__debezium")}
+    our_headers = {k: v for k, v in ours["headers"].items() if k != "traceparent"}
+    assert our_headers == dbz_headers
+
+
+def test_quarkus_style_table_gives_the_routers_records(app, broker, dbz_broker):
+    """Quarkus' outbox extension's table with a jsonb payload: rows inserted
+    and deleted in one transaction (remove-after-insert), a NULL payload as a
+    tombstone, a NULL aggregate id as a null key, the type as an aliased
+    header, the timestamp column as the record's timestamp."""
+    prefix = f"shop{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("""CREATE TABLE app.outboxevent (
+                         id uuid PRIMARY KEY, aggregatetype varchar(255) NOT NULL, aggregateid varchar(255),
+                         type varchar(255) NOT NULL, timestamp timestamp NOT NULL, payload jsonb,
+                         tracingspancontext varchar(256))""")
+    router = {
+        "table.fields.additional.placement": "type:header:eventType",
+        "table.field.event.timestamp": "timestamp",
+        "route.topic.replacement": prefix + ".${routedByValue}",
+        "route.tombstone.on.empty.payload": "true",
+    }
+    payloads = [{"total": 4200, "lines": [{"sku": "a-1", "qty": 2}], "note": None},
+                {"text": 'quotes " \\ tab\t', "unicode": "zürich 東京"}, [1, "two"], {}]
+    rows = []
+
+    def write(c):
+        with c.transaction():
+            for i, p in enumerate(payloads):
+                rid = str(uuid.uuid4())
+                rows.append(rid)
+                c.execute("INSERT INTO app.outboxevent VALUES (%s, 'Order', %s, 'OrderPlaced', "
+                          "timestamp '2026-01-15 10:00:00' + %s * interval '1.5 second', %s::jsonb, %s)",
+                          (rid, f"order-{i}", i, json.dumps(p), f"#Tue Nov 24 10:00:00 UTC 2026\ntraceparent={TP}\n"))
+                c.execute("DELETE FROM app.outboxevent WHERE id = %s", (rid,))
+        with c.transaction():
+            for key, payload in (("order-0", None), (None, '{"anonymous": true}')):
+                rid = str(uuid.uuid4())
+                rows.append(rid)
+                c.execute("INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, timestamp, payload) "
+                          "VALUES (%s, 'Customer', %s, 'CustomerSeen', timestamp '2026-01-15 11:00:00', %s::jsonb)",
+                          (rid, key, payload))
+        # An update is not an event (the router warns and skips it).
+        c.execute("UPDATE app.outboxevent SET type = 'Changed' WHERE id = %s", (rows[-1],))
+
+    pairs = run_both(app, broker, dbz_broker, "app.outboxevent", router, {f"{prefix}.Order": 4, f"{prefix}.Customer": 2}, write)
+    ours = {o["headers"]["id"]: o for o, _ in pairs}
+    for o, t in pairs:
+        same_record(o, t)
+    # Against the documentation as well as against Debezium:
+    for i, rid in enumerate(rows[:4]):
+        m = ours[rid]
+        assert m["topic"] == f"{prefix}.Order" and m["key"] == f"order-{i}".encode()
+        assert m["headers"] == {"id": rid, "eventType": "OrderPlaced", "traceparent": TP}, "no type/aggregatetype headers"
+        assert json.loads(m["value"]) == payloads[i]
+        ten = datetime.datetime(2026, 1, 15, 10, tzinfo=datetime.timezone.utc).timestamp() * 1000
+        assert m["timestamp"] == ten + 1500 * i, "the timestamp column, read as UTC"
+    tomb, anon = ours[rows[4]], ours[rows[5]]
+    assert (tomb["topic"], tomb["key"], tomb["value"]) == (f"{prefix}.Customer", b"order-0", None), "a tombstone"
+    assert (anon["key"], anon["value"]) == (None, b'{"anonymous": true}'), "a null key"
+    with app.connect() as c:
+        assert c.execute("SELECT count(*) FROM app.outboxevent").fetchone()[0] == 2, "the application's rows stay"
+
+
+def test_bytea_payload_renamed_columns_regex_route_and_partition(app, broker, dbz_broker):
+    """A table with other names and types: bigint id, bytea payload sent as
+    raw bytes, routing by a regex with a named group, a partition column."""
+    prefix = f"ev{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("""CREATE TABLE app.events (
+                         event_id bigint PRIMARY KEY, agg_type text NOT NULL, agg_id text NOT NULL, kind text NOT NULL,
+                         body bytea, shard integer, created timestamp NOT NULL DEFAULT now())""")
+    router = {
+        "table.field.event.id": "event_id",
+        "table.field.event.key": "agg_id",
+        "table.field.event.payload": "body",
+        "route.by.field": "agg_type",
+        "route.topic.regex": "(?<kind>[a-z]+)\\.v1",
+        "route.topic.replacement": prefix + ".${kind}",
+        "table.fields.additional.placement": "kind:header:eventType,shard:partition,agg_type:header",
+        "table.field.event.timestamp": "created",
+    }
+    bodies = [b"\x00\xff\xfe binary \x80", b"", "plain text é".encode(), bytes(range(256))]
+
+    def write(c):
+        with c.transaction():
+            for i, body in enumerate(bodies):
+                c.execute("INSERT INTO app.events (event_id, agg_type, agg_id, kind, body, shard) VALUES (%s, %s, %s, 'Stored', %s, %s)",
+                          (100 + i, "invoice.v1" if i % 2 else "payment.v1", f"k{i}", body, i % 3))
+
+    worker = {"value.converter": "org.apache.kafka.connect.converters.ByteArrayConverter"}
+    pairs = run_both(app, broker, dbz_broker, "app.events", router, {f"{prefix}.invoice": 2, f"{prefix}.payment": 2}, write,
+                     worker=worker)
+    for o, t in pairs:
+        same_record(o, t)
+    ours = {o["headers"]["id"]: o for o, _ in pairs}
+    for i, body in enumerate(bodies):
+        m = ours[str(100 + i)]
+        assert m["value"] == body and m["partition"] == i % 3
+        assert m["topic"] == f"{prefix}.{'invoice' if i % 2 else 'payment'}"
+        assert m["headers"] == {"id": str(100 + i), "eventType": "Stored", "agg_type": "invoice.v1" if i % 2 else "payment.v1"}
+
+
+def dead_letters(c):
+    return c.execute("SELECT id::text, reason, adopted, source_table, payload_bytes, aggregateid, topic "
+                     "FROM outbox_dead_letter WHERE adopted ORDER BY commit_lsn").fetchall()
+
+
+def test_rows_that_cannot_be_events_are_dead_lettered_with_the_reason(app, broker):
+    topic_prefix = f"dl{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("DELETE FROM outbox_dead_letter")
+        c.execute("""CREATE TABLE app.outboxevent (id uuid PRIMARY KEY, aggregatetype text, aggregateid text,
+                         type text, payload text, tracingspancontext text)""")
+    with_relay_restarted(app, on_rejected_event="dead_letter")
+    adopt(app, "app.outboxevent", f"route.topic.replacement={topic_prefix}.${{routedByValue}}")
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    with app.connect() as c:
+        c.execute("INSERT INTO app.outboxevent VALUES (%s, NULL, 'a', 'T', 'x', NULL)", (ids[0],))
+        c.execute("INSERT INTO app.outboxevent VALUES (%s, 'Order', 'a', 'T', NULL, NULL)", (ids[1],))
+        # An invalid traceparent is left out; the event goes.
+        c.execute("INSERT INTO app.outboxevent VALUES (%s, 'Order', 'a', 'T', 'plain text', 'traceparent=nope')", (ids[2],))
+        c.execute("INSERT INTO app.outboxevent VALUES (%s, 'Order', 'a', 'T', 'bare', %s)", (ids[3], TP))
+    rig.drain(app)
+    got = broker.consume(f"{topic_prefix}.Order", expect=2, timeout=30, linger=0.5)
+    assert [(m["headers"], m["value"]) for m in got] == [
+        ({"id": ids[2]}, b"plain text"), ({"id": ids[3], "traceparent": TP}, b"bare")]
+    with app.connect() as c:
+        dl = dead_letters(c)
+        assert [d[0] for d in dl] == ids[:2]
+        assert 'the route column "aggregatetype" is NULL' in dl[0][1] and dl[0][2:5] == (True, "app.outboxevent", b"x")
+        assert 'the payload column "payload" is NULL and route.tombstone.on.empty.payload is off' in dl[1][1]
+        assert dl[1][4] is None and dl[1][5] == "a"
+        e = sqlstate_of(c, "SELECT outbox_dead_letter_republish(%s)", (ids[0],))
+        assert e.sqlstate == "0A000" and "adopted table" in str(e)
+        assert c.execute("SELECT outbox_dead_letter_republish()").fetchone()[0] == 0, "adopted letters are left alone"
+        # The table changes after the setting was checked: its rows are
+        # dead-lettered with the reason, not skipped, and the stream goes on.
+        c.execute("ALTER TABLE app.outboxevent RENAME COLUMN payload TO body")
+        c.execute("INSERT INTO app.outboxevent VALUES (%s, 'Order', 'a', 'T', 'late', NULL)", (ids[4],))
+    rig.drain(app)
+    with app.connect() as c:
+        dl = dead_letters(c)
+        late = [d for d in dl if "cannot be read" in d[1]]
+        assert len(late) == 1 and 'has no column "payload"' in late[0][1], dl
+        c.execute("DELETE FROM outbox_dead_letter")
+    assert rig.relay_status(app)["state"] == "streaming"
+
+
+def refused(c, **setting) -> str:
+    """ALTER SYSTEM SET outbox.<name> expecting the check to refuse it; the DETAIL."""
+    (k, v), = setting.items()
+    e = sqlstate_of(c, sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.SQL(f"outbox.{k}"), sql.Literal(v)))
+    assert e.sqlstate == "22023", e
+    return e.diag.message_detail
+
+
+def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
+    """Each setting is checked against the other's value in force (the
+    session's): a table against the mapping, a mapping against the tables."""
+    with app.connect() as c:
+        c.execute("CREATE TABLE app.outboxevent (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb, n bigint)")
+        c.execute("CREATE TABLE app.untyped (id uuid, aggregateid text, payload jsonb)")
+        c.execute("CREATE UNLOGGED TABLE app.scratch (id uuid, aggregatetype text, aggregateid text, payload jsonb)")
+        assert refused(c, tables="app.nope") == "table app.nope does not exist"
+        assert refused(c, tables="nope.outboxevent") == "table nope.outboxevent does not exist"
+        assert "with its schema" in refused(c, tables="outboxevent")
+        assert "unlogged or temporary" in refused(c, tables="app.scratch")
+        assert refused(c, tables="app.outboxevent, app.untyped") == \
+            'table app.untyped has no column "aggregatetype" (the mapping\'s route.by.field)'
+        assert 'unknown outbox router option "table.field.event.idd"' in refused(c, table_options="table.field.event.idd=x")
+    adopt(app, "app.outboxevent", "")
+    with app.connect() as c:
+        assert refused(c, table_options="table.field.event.payload=body") == \
+            'table app.outboxevent has no column "body" (the mapping\'s table.field.event.payload)'
+        assert refused(c, table_options="table.field.event.payload=n") == \
+            'column "n" of table app.outboxevent (the mapping\'s table.field.event.payload) must be jsonb, json, text, varchar or bytea'
+        assert refused(c, table_options="table.fields.additional.placement=n:partition") == \
+            'column "n" of table app.outboxevent (the mapping\'s table.fields.additional.placement) must be integer (int4) for a partition placement'
+        c.execute("ALTER SYSTEM SET outbox.table_options = 'table.fields.additional.placement=n:header:count'")

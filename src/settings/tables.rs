@@ -1,0 +1,118 @@
+//! Adopted tables (`outbox.tables`, `outbox.table_options`): a user's own
+//! Debezium-style outbox tables whose inserts are published as the Outbox
+//! Event Router publishes them. Reloadable; the output plugin reads them
+//! when it decodes (see `crate::adopt` and the README's migration guide for
+//! what that means at cut-over).
+//!
+//! Both are checked when set: the syntax and the router options always, and
+//! in a transaction (SET, ALTER SYSTEM, ALTER DATABASE) also each table
+//! against the mapping, so that a table that does not exist, a missing
+//! column or a column of the wrong type is refused there, with its name.
+
+use std::ffi::{c_char, c_void, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use outbox_core::adopt::{self, TableName};
+use outbox_core::router::Mapping;
+
+use super::{check_failed, new_value, string};
+
+static TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static TABLE_OPTIONS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+pub fn init() {
+    // SAFETY: the check hooks are #[pg_guard] functions.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.tables",
+            c"Tables of your own (schema.table, comma-separated) whose inserted rows are published as events, \
+              mapped by outbox.table_options.",
+            c"Reloadable. Updates and deletes of these tables are ignored, so a row inserted and deleted in one \
+              transaction is published once. Checked against the tables when set in a transaction.",
+            &TABLES,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_tables),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"outbox.table_options",
+            c"Debezium Outbox Event Router options for outbox.tables, key=value pairs separated by ';' \
+              (a transforms.<name>. prefix is accepted).",
+            c"Reloadable. Unknown options are refused; router defaults apply to the rest.",
+            &TABLE_OPTIONS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_table_options),
+            None,
+            None,
+        );
+    }
+}
+
+/// The raw values, for the plugin's cache key.
+pub fn raw() -> (String, String) {
+    (string(&TABLES), string(&TABLE_OPTIONS))
+}
+
+/// Whether the settings still have the values `raw` holds (compared in
+/// place: the plugin asks for every change it decodes).
+pub fn unchanged(raw: &(String, String)) -> bool {
+    super::with_cstr(&TABLES, |t| t.to_bytes() == raw.0.as_bytes())
+        && super::with_cstr(&TABLE_OPTIONS, |o| o.to_bytes() == raw.1.as_bytes())
+}
+
+/// Parses both settings' values (already checked when set).
+pub fn parse(tables: &str, options: &str) -> Result<(Vec<TableName>, Mapping), String> {
+    let tables = adopt::parse_tables(tables)?;
+    let pairs = outbox_core::kafka_props::pairs(options).map_err(|e| format!("outbox.table_options: {e}"))?;
+    let mapping = Mapping::parse(&pairs).map_err(|e| format!("outbox.table_options: {e}"))?;
+    Ok((tables, mapping))
+}
+
+/// Checks `tables` under `options` against the catalog, when there is one
+/// to read (a transaction in a database); outside one (a configuration
+/// file being read) only the syntax is checked here, and the output plugin
+/// checks each row's table as it decodes.
+fn check(tables: &str, options: &str) -> Result<(), String> {
+    let (tables, mapping) = parse(tables, options)?;
+    // SAFETY: reading two backend globals.
+    let in_db = unsafe { pg_sys::IsTransactionState() && pg_sys::MyDatabaseId != pg_sys::InvalidOid };
+    if !in_db {
+        return Ok(());
+    }
+    for t in &tables {
+        crate::adopt::check_table(t, &mapping)?;
+    }
+    Ok(())
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_tables(newval: *mut *mut c_char, _extra: *mut *mut c_void, _source: pg_sys::GucSource::Type) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        match check(new_value(newval), &string(&TABLE_OPTIONS)) {
+            Ok(()) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_table_options(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: see new_value / check_failed.
+    unsafe {
+        match check(&string(&TABLES), new_value(newval)) {
+            Ok(()) => true,
+            Err(e) => check_failed(&e),
+        }
+    }
+}
