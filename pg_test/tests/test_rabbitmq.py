@@ -322,3 +322,38 @@ def test_cloudevents_binary_with_either_prefix_and_structured(rdb, rabbit):
             c.execute("DELETE FROM outbox_dead_letter WHERE id = %s", (lost,))
     finally:
         with_relay_restarted(rdb, cloudevents=None, cloudevents_amqp_prefix=None)
+
+
+def test_an_adopted_tables_rows_are_routed_by_the_router_options(rdb, rabbit):
+    """A row of an application's own outbox table (outbox.tables): the
+    routed value names the routing key (Debezium Server's RabbitMQ sink
+    routes by the topic the router gives), the body is the payload's bytes,
+    the headers are the router's (`id`, placements) plus `aggregateid` for
+    the key; a tombstone is an empty body."""
+    rk = key()
+    q = rabbit.bind_queue(EXCHANGE, f"{rk}.Order")
+    with rdb.connect() as c:
+        c.execute("DROP TABLE IF EXISTS public.outboxevent")
+        c.execute("CREATE TABLE public.outboxevent (id bigint PRIMARY KEY, aggregatetype text, aggregateid text, "
+                  "type text, payload bytea)")
+    try:
+        with_relay_restarted(rdb, table_options=f"route.topic.replacement={rk}.${{routedByValue}}; "
+                                                "route.tombstone.on.empty.payload=true; "
+                                                "table.fields.additional.placement=type:header:eventType")
+        with_relay_restarted(rdb, tables="public.outboxevent")
+        with rdb.connect() as c:
+            with c.transaction():
+                c.execute("INSERT INTO public.outboxevent VALUES (1, 'Order', 'o1', 'Placed', '\\x00ff41'::bytea)")
+                c.execute("INSERT INTO public.outboxevent VALUES (2, 'Order', 'o1', 'Gone', NULL)")
+                c.execute("DELETE FROM public.outboxevent")
+        rig.drain(rdb)
+        got = rabbit.consume(q, expect=2, timeout=30, linger=1)
+        assert [(m["value"], m["headers"]) for m in got] == [
+            (b"\x00\xffA", {"id": "1", "eventType": "Placed", "aggregateid": "o1"}),
+            (b"", {"id": "2", "eventType": "Gone", "aggregateid": "o1"})]
+        assert all(m["routing_key"] == f"{rk}.Order" and m["props"].delivery_mode == 2 for m in got)
+    finally:
+        with_relay_restarted(rdb, tables=None)
+        with_relay_restarted(rdb, table_options=None)
+        with rdb.connect() as c:
+            c.execute("DROP TABLE public.outboxevent")

@@ -63,6 +63,9 @@ struct Failure {
     /// refused before the sink took it, and `letter` is the decoded event.
     from_report: bool,
     letter: Option<Letter>,
+    /// The relay refused it before handing it to the sink (a bad row, no
+    /// topic, too large, not verified): said so, not blamed on the sink.
+    refused_here: bool,
 }
 
 impl Deliver {
@@ -260,7 +263,7 @@ impl Deliver {
             returned: None,
             connection: false,
         };
-        self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter) });
+        self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter), refused_here: true });
     }
 
     /// Waits until the sink can take events for `destination` (never
@@ -323,7 +326,7 @@ impl Deliver {
         }
         if let Err(rej) = res {
             let seq = out.seq;
-            self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter()) });
+            self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter()), refused_here: false });
         }
     }
 
@@ -392,7 +395,7 @@ impl Deliver {
                 }
             }
         }
-        let sink = self.sink.name();
+        let sink = if f.refused_here { "outbox" } else { self.sink.name() };
         let what = format!(
             "event {} (transaction committed at {}) for {} \"{}\"",
             f.rej.event_id,
@@ -405,7 +408,8 @@ impl Deliver {
                 f.rej.returned.take().map(|r| Letter::of_returned(*r, &f.rej.destination, f.commit_time))
             });
             if let Some(letter) = letter {
-                let msg = format!("{sink} rejected {what}: {}; moved to the dead-letter table, publishing goes on", f.rej.reason);
+                let verb = if f.refused_here { "refused" } else { "rejected" };
+                let msg = format!("{sink} {verb} {what}: {}; moved to the dead-letter table, publishing goes on", f.rej.reason);
                 warning!("outbox relay: {msg}");
                 self.shared.set_error(&msg);
                 self.dead.push(dead_letter::Pending {
@@ -422,7 +426,8 @@ impl Deliver {
             return;
         }
         if f.rej.permanent {
-            let msg = format!("{sink} rejected {what}: {}", f.rej.reason);
+            let verb = if f.refused_here { "refused" } else { "rejected" };
+            let msg = format!("{sink} {verb} {what}: {}", f.rej.reason);
             warning!("outbox relay: {msg}");
             self.shared.set_error(&msg);
             state::feed(
@@ -454,7 +459,7 @@ fn apply(ledger: &mut Ledger, shared: &Shared, reports: &mut Vec<Report>) -> Vec
             None => note_latency(shared, ledger.acked(r.seq, r.bytes, now)),
             Some(rej) => {
                 let (commit_lsn, commit_time) = ledger.failed(r.seq);
-                failures.push(Failure { seq: r.seq, rej, commit_lsn, commit_time, from_report: true, letter: None });
+                failures.push(Failure { seq: r.seq, rej, commit_lsn, commit_time, from_report: true, letter: None, refused_here: false });
             }
         }
     }
