@@ -41,11 +41,35 @@ pub fn check_table(t: &TableName, m: &Mapping) -> Result<(), String> {
         } else if persistence != pg_sys::RELPERSISTENCE_PERMANENT {
             Err(format!("table {t} is unlogged or temporary: its rows never reach the write-ahead log"))
         } else {
-            plan_of(rel, &t.to_string(), m).map(|_| ())
+            plan_of(rel, &t.to_string(), m).and_then(|p| if m.delete_published_rows { id_is_primary_key(rel, t, m, p.id.index) } else { Ok(()) })
         };
         pg_sys::relation_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         r
     }
+}
+
+/// `delete.published.rows` deletes by the id column: it must be the
+/// table's primary key, alone.
+///
+/// # Safety
+/// `rel` must be an open relation, in a transaction.
+unsafe fn id_is_primary_key(rel: pg_sys::Relation, t: &TableName, m: &Mapping, index: usize) -> Result<(), String> {
+    // SAFETY: the relcache's bitmap of the primary key's columns (a copy,
+    // palloc'd), offset by FirstLowInvalidHeapAttributeNumber.
+    let (members, is_id) = unsafe {
+        let pk = pg_sys::RelationGetIndexAttrBitmap(rel, pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY);
+        let attno = index as i32 + 1 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+        (pg_sys::bms_num_members(pk), pg_sys::bms_is_member(attno, pk))
+    };
+    if members == 1 && is_id {
+        return Ok(());
+    }
+    Err(format!(
+        "table {t}: delete.published.rows deletes published rows by the id column \"{}\", which must be the table's \
+         primary key{}",
+        m.id_column,
+        if members == 0 { " (the table has none)" } else { " (it is not, alone)" }
+    ))
 }
 
 /// The table's schema-qualified name, as the catalog gives it (current or

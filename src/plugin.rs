@@ -497,6 +497,7 @@ fn unreadable_row(table: &str, at: &str, why: String) -> core_adopt::RowEvent {
         route_value: None,
         event_type: None,
         error: Some(format!("row of {table} at {at} cannot be read: {why}")),
+        cleanup: None,
     }
 }
 

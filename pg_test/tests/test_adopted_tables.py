@@ -273,6 +273,43 @@ def test_cutover_from_a_running_connector_publishes_each_row_once(app, broker, d
     print(f"\n[cut-over] {len(before)} rows by Debezium, {len(after)} by outbox, none twice, none missing")
 
 
+def test_published_rows_are_deleted_as_the_tables_owner_when_asked(app, broker):
+    """delete.published.rows=true: once published, rows are deleted by their
+    id (the primary key), as the table's owner: a trigger of the owner's
+    runs with the owner's rights, never the relay's (a superuser's)."""
+    prefix = f"del{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("DROP ROLE IF EXISTS outbox_app_owner")
+        c.execute("CREATE ROLE outbox_app_owner")
+        c.execute("GRANT CREATE, USAGE ON SCHEMA app TO outbox_app_owner")
+        c.execute("SET ROLE outbox_app_owner")
+        c.execute("CREATE TABLE app.events (id bigint PRIMARY KEY, aggregatetype text, aggregateid text, payload jsonb)")
+        c.execute("CREATE TABLE app.deleted_by (who text, superuser boolean)")
+        c.execute("""CREATE FUNCTION app.note() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN INSERT INTO app.deleted_by SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+                     RETURN OLD; END $$""")
+        c.execute("CREATE TRIGGER note AFTER DELETE ON app.events FOR EACH ROW EXECUTE FUNCTION app.note()")
+        c.execute("RESET ROLE")
+    try:
+        adopt(app, "app.events", f"route.topic.replacement={prefix}.${{routedByValue}}; delete.published.rows=true")
+        with app.connect() as c:
+            for i in range(3):
+                c.execute("INSERT INTO app.events VALUES (%s, 'Order', 'k', %s::jsonb)", (i, json.dumps({"n": i})))
+        rig.drain(app)
+        got = broker.consume(f"{prefix}.Order", expect=3, timeout=30, linger=0.5)
+        assert [json.loads(m["value"])["n"] for m in got] == [0, 1, 2]
+        with app.connect() as c:
+            rig.wait_for("the published rows to be deleted",
+                         lambda: c.execute("SELECT count(*) FROM app.events").fetchone()[0] == 0, timeout=30)
+            assert c.execute("SELECT who, superuser FROM app.deleted_by").fetchall() == [("outbox_app_owner", False)] * 3
+    finally:
+        adopt(app, None, None)
+        with app.connect() as c:
+            c.execute("DROP SCHEMA app CASCADE")
+            c.execute("CREATE SCHEMA app")
+            c.execute("DROP ROLE outbox_app_owner")
+
+
 def dead_letters(c):
     return c.execute("SELECT id::text, reason, adopted, source_table, payload_bytes, aggregateid, topic "
                      "FROM outbox_dead_letter WHERE adopted ORDER BY commit_lsn").fetchall()
@@ -333,6 +370,7 @@ def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
     with app.connect() as c:
         c.execute("CREATE TABLE app.outboxevent (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb, n bigint)")
         c.execute("CREATE TABLE app.untyped (id uuid, aggregateid text, payload jsonb)")
+        c.execute("CREATE TABLE app.nopk (id uuid, aggregatetype text, aggregateid text, payload jsonb)")
         c.execute("CREATE UNLOGGED TABLE app.scratch (id uuid, aggregatetype text, aggregateid text, payload jsonb)")
         assert refused(c, tables="app.nope") == "table app.nope does not exist"
         assert refused(c, tables="nope.outboxevent") == "table nope.outboxevent does not exist"
@@ -350,3 +388,11 @@ def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
         assert refused(c, table_options="table.fields.additional.placement=n:partition") == \
             'column "n" of table app.outboxevent (the mapping\'s table.fields.additional.placement) must be integer (int4) for a partition placement'
         c.execute("ALTER SYSTEM SET outbox.table_options = 'table.fields.additional.placement=n:header:count'")
+        assert refused(c, table_options="delete.published.rows=true; table.field.event.id=n") == \
+            'table app.outboxevent: delete.published.rows deletes published rows by the id column "n", which must be the ' \
+            "table's primary key (it is not, alone)"
+    adopt(app, "app.outboxevent", "delete.published.rows=true")
+    with app.connect() as c:
+        assert refused(c, tables="app.outboxevent, app.nopk") == \
+            'table app.nopk: delete.published.rows deletes published rows by the id column "id", which must be the ' \
+            "table's primary key (the table has none)"

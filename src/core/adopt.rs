@@ -301,6 +301,9 @@ pub struct RowEvent {
     pub event_type: Option<String>,
     /// Why the row cannot be published (it is dead-lettered or the relay stops).
     pub error: Option<String>,
+    /// With `delete.published.rows`: the id column to delete the
+    /// row by once its event is settled; None when off or the id is NULL.
+    pub cleanup: Option<String>,
 }
 
 /// The 16-byte id of a row whose id column is not a uuid: a name-based
@@ -352,6 +355,7 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
         route_value,
         event_type: plan.event_type.and_then(|c| get(c).text()),
         error: None,
+        cleanup: (m.delete_published_rows && id_text.is_some()).then(|| m.id_column.clone()),
     };
     let mut errors = Vec::new();
     match &id_text {

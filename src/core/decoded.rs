@@ -127,6 +127,8 @@ pub struct DecodedRow<'a> {
     pub route_value: Option<&'a str>,
     pub event_type: Option<&'a str>,
     pub error: Option<&'a str>,
+    /// The id column to delete the row by once settled (`delete.published.rows`).
+    pub cleanup: Option<&'a str>,
 }
 
 impl<'a> DecodedRow<'a> {
@@ -150,6 +152,7 @@ impl<'a> DecodedRow<'a> {
             route_value: e.route_value.as_deref(),
             event_type: e.event_type.as_deref(),
             error: e.error.as_deref(),
+            cleanup: e.cleanup.as_deref(),
         }
     }
 }
@@ -186,6 +189,7 @@ pub fn encode_row_binary(out: &mut Vec<u8>, d: &DecodedRow<'_>) {
     codec::put_opt_str(out, d.route_value);
     codec::put_opt_str(out, d.event_type);
     codec::put_opt_str(out, d.error);
+    codec::put_opt_str(out, d.cleanup);
 }
 
 /// Either kind of record, told apart by its version byte.
@@ -219,6 +223,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodedError> {
     let route_value = r.opt_str()?;
     let event_type = r.opt_str()?;
     let error = r.opt_str()?;
+    let cleanup = r.opt_str()?;
     r.finish()?;
     Ok(Record::Row(DecodedRow {
         xid,
@@ -238,6 +243,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodedError> {
         route_value,
         event_type,
         error,
+        cleanup,
     }))
 }
 
@@ -418,6 +424,7 @@ mod tests {
             route_value: Some("Order".into()),
             event_type: None,
             error: None,
+            cleanup: Some("\"Id\"".into()),
         }
     }
 

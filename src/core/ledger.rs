@@ -22,8 +22,8 @@ pub struct Ledger {
     tracker: Tracker,
     /// Commit times of transactions in flight, oldest first: (commit LSN, time).
     commit_times: VecDeque<(u64, i64)>,
-    /// Outbox-table rows sent, to delete once settled: (commit LSN, id).
-    table_rows: VecDeque<(u64, [u8; 16])>,
+    /// Table rows sent, to delete once settled: (commit LSN, row).
+    table_rows: VecDeque<(u64, Row)>,
     /// Events whose delivery failed: no longer in flight at the sink, never
     /// settled (so the slot is never confirmed past them).
     failed: u64,
@@ -33,13 +33,23 @@ pub struct Ledger {
     published: (u64, u64),
 }
 
+/// A table row whose event, once settled, lets the row be deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Row {
+    /// A row of the extension's own table, by its id.
+    Own([u8; 16]),
+    /// A row of an adopted table with `delete.published.rows` on: the table
+    /// (as `outbox.tables` names it), its id column and the id's text.
+    Adopted { table: String, column: String, id: String },
+}
+
 /// What one settle step found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Settlement {
     /// The position that may be confirmed now.
     pub confirmable: u64,
-    /// Outbox-table rows whose events are settled up to `confirmable`.
-    pub delete_rows: Vec<[u8; 16]>,
+    /// Table rows whose events are settled up to `confirmable`.
+    pub delete_rows: Vec<Row>,
     pub in_flight: u64,
     /// Commit time of the oldest transaction not yet settled (0: none).
     pub oldest_commit_time: i64,
@@ -68,7 +78,7 @@ impl Ledger {
     /// never settled holds the confirmed position before its transaction,
     /// whatever stops it. `table_row` is its row id when it came from the
     /// outbox table. Returns the handle its acknowledgement carries.
-    pub fn sent(&mut self, commit_lsn: u64, commit_time: i64, table_row: Option<[u8; 16]>, now: Instant) -> TxnSeq {
+    pub fn sent(&mut self, commit_lsn: u64, commit_time: i64, table_row: Option<Row>, now: Instant) -> TxnSeq {
         if self.tracker.in_flight() == 0 {
             // Silence is measured from the first event in flight.
             self.last_ack = now;
@@ -77,8 +87,8 @@ impl Ledger {
         if self.commit_times.back().map(|(l, _)| *l) != Some(commit_lsn) {
             self.commit_times.push_back((commit_lsn, commit_time));
         }
-        if let Some(id) = table_row {
-            self.table_rows.push_back((commit_lsn, id));
+        if let Some(row) = table_row {
+            self.table_rows.push_back((commit_lsn, row));
         }
         seq
     }
@@ -131,8 +141,8 @@ impl Ledger {
         let confirmable = self.tracker.confirmable(read_upto);
         let mut delete_rows = Vec::new();
         while self.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
-            if let Some((_, id)) = self.table_rows.pop_front() {
-                delete_rows.push(id);
+            if let Some((_, row)) = self.table_rows.pop_front() {
+                delete_rows.push(row);
             }
         }
         while self.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
@@ -163,8 +173,8 @@ mod tests {
     fn rows_are_deleted_only_once_their_transaction_is_confirmable() {
         let t0 = Instant::now();
         let mut l = Ledger::new(t0);
-        let a = l.sent(100, 1, Some([1; 16]), t0);
-        let b = l.sent(200, 2, Some([2; 16]), t0);
+        let a = l.sent(100, 1, Some(Row::Own([1; 16])), t0);
+        let b = l.sent(200, 2, Some(Row::Own([2; 16])), t0);
         l.seal();
         l.acked(b, 10, t0);
         let s = l.settle(300, t0);
@@ -173,7 +183,7 @@ mod tests {
         l.acked(a, 10, t0);
         let s = l.settle(300, t0);
         assert_eq!(s.confirmable, 300);
-        assert_eq!(s.delete_rows, vec![[1; 16], [2; 16]]);
+        assert_eq!(s.delete_rows, vec![Row::Own([1; 16]), Row::Own([2; 16])]);
         assert_eq!(s.published, (1, 10));
         assert_eq!(l.settle(300, t0).published, (0, 0), "counted once");
     }
@@ -217,12 +227,12 @@ mod tests {
     fn an_event_known_dead_before_a_restart_is_settled_without_the_sink() {
         let t0 = Instant::now();
         let mut l = Ledger::new(t0);
-        let a = l.sent(100, 0, Some([7; 16]), t0);
+        let a = l.sent(100, 0, Some(Row::Own([7; 16])), t0);
         l.settled_elsewhere(a, false);
         l.seal();
         let s = l.settle(150, t0);
         assert_eq!(s.confirmable, 150);
-        assert_eq!(s.delete_rows, vec![[7; 16]]);
+        assert_eq!(s.delete_rows, vec![Row::Own([7; 16])]);
         assert_eq!(s.published, (0, 0), "not counted as published");
     }
 }

@@ -59,6 +59,10 @@ pub struct Mapping {
     pub expand_json: bool,
     pub on_update: OnUpdate,
     pub tracing_column: String,
+    /// `delete.published.rows` (outbox's own option, default false): the
+    /// relay deletes a row once its event is settled (published or
+    /// dead-lettered), by the id column, which must be the primary key.
+    pub delete_published_rows: bool,
 }
 
 pub const DEFAULT_REGEX: &str = "(?<routedByValue>.*)";
@@ -66,7 +70,8 @@ pub const DEFAULT_REPLACEMENT: &str = "outbox.event.${routedByValue}";
 
 /// The router's options this mapping understands; anything else is refused
 /// by name, so a misspelt option is an error rather than a silent default.
-const KNOWN: [&str; 15] = [
+const KNOWN: [&str; 16] = [
+    "delete.published.rows",
     "table.field.event.id",
     "table.field.event.key",
     "table.field.event.type",
@@ -108,6 +113,7 @@ impl Mapping {
             expand_json: false,
             on_update: OnUpdate::Warn,
             tracing_column: "tracingspancontext".into(),
+            delete_published_rows: false,
         };
         let (mut regex, mut replacement, mut by) = (DEFAULT_REGEX.to_owned(), DEFAULT_REPLACEMENT.to_owned(), m.route.by_column.clone());
         for (k, v) in options {
@@ -141,6 +147,7 @@ impl Mapping {
                     }
                 }
                 "tracing.span.context.field" => m.tracing_column = column()?,
+                "delete.published.rows" => m.delete_published_rows = boolean(option, v)?,
                 o if connect_only(o) => {}
                 o => {
                     return Err(format!(
@@ -317,6 +324,7 @@ mod tests {
             ("transforms.outbox.route.tombstone.on.empty.payload", "true"),
             ("transforms.outbox.table.op.invalid.behavior", "fatal"),
             ("transforms.outbox.table.json.payload.null.behavior", "ignore"),
+            ("delete.published.rows", "true"),
         ]))
         .unwrap();
         assert_eq!(m.key_column, "agg_id");
@@ -330,7 +338,7 @@ mod tests {
             ]
         );
         assert_eq!(m.route.topic(Some("Customer")).unwrap(), "Customer.events");
-        assert!(m.tombstone_on_empty && m.on_update == OnUpdate::Fatal);
+        assert!(m.tombstone_on_empty && m.on_update == OnUpdate::Fatal && m.delete_published_rows);
         assert_eq!(m.columns(), vec!["event_id", "agg_id", "body", "agg_type", "created_at", "type", "version", "shard"]);
     }
 

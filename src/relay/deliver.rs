@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 
 use outbox_core::confirm::TxnSeq;
 use outbox_core::decoded::{self, DecodedEvent};
-use outbox_core::ledger::Ledger;
+use outbox_core::ledger::{Ledger, Row};
 use outbox_core::relay_state::Input;
 use outbox_core::topic::TopicTemplate;
 use outbox_core::{lsn, retry};
@@ -119,7 +119,7 @@ impl Deliver {
             }
         };
         let ev = &d.event;
-        let row = (d.source == decoded::Source::Table).then_some(ev.id);
+        let row = (d.source == decoded::Source::Table).then_some(Row::Own(ev.id));
         let seq = self.ledger.sent(d.commit_lsn, d.commit_time, row, clock::now());
         // Refused before the sink saw it: retrying cannot help.
         let refuse = |me: &mut Self, reason: String, destination: Option<&str>| {
@@ -206,7 +206,14 @@ impl Deliver {
     /// (routed and checked by the output plugin), or refused with the
     /// reason the plugin gave.
     fn handle_row(&mut self, r: &decoded::DecodedRow<'_>) {
-        let seq = self.ledger.sent(r.commit_lsn, r.commit_time, None, clock::now());
+        // With delete.published.rows: deleted once settled, as the outbox
+        // table's rows are (published or dead-lettered alike).
+        let row = r.cleanup.zip(r.headers.first().filter(|(k, _)| *k == "id")).map(|(column, (_, id))| Row::Adopted {
+            table: r.table.to_owned(),
+            column: column.to_owned(),
+            id: (*id).to_owned(),
+        });
+        let seq = self.ledger.sent(r.commit_lsn, r.commit_time, row, clock::now());
         if self.dead_known.contains(&(r.id, r.commit_lsn)) {
             self.ledger.settled_elsewhere(seq, false);
             return;

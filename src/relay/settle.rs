@@ -18,6 +18,7 @@ use crate::clock;
 use crate::dead_letter;
 use crate::settings;
 use crate::slot;
+use outbox_core::ledger::Row;
 
 impl Relay {
     /// The step outside decoding: write dead letters, delete settled table
@@ -135,7 +136,24 @@ impl Relay {
     /// locked by OID before its name is read, so an update in progress is
     /// waited for and the name is the one after it; a table gone (the
     /// extension dropped) leaves nothing to delete.
-    fn delete_published_rows(&mut self, ids: &[[u8; 16]]) {
+    fn delete_published_rows(&mut self, rows: &[Row]) {
+        if rows.is_empty() {
+            return;
+        }
+        let mut ids = Vec::new();
+        let mut adopted: Vec<(&str, &str, Vec<&str>)> = Vec::new();
+        for r in rows {
+            match r {
+                Row::Own(id) => ids.push(*id),
+                Row::Adopted { table, column, id } => match adopted.iter_mut().find(|(t, c, _)| t == table && c == column) {
+                    Some((_, _, list)) => list.push(id),
+                    None => adopted.push((table, column, vec![id])),
+                },
+            }
+        }
+        for (table, column, list) in adopted {
+            delete_adopted_rows(table, column, &list);
+        }
         if ids.is_empty() || !settings::delete_published_rows() {
             return;
         }
@@ -159,6 +177,50 @@ impl Relay {
         }
     }
 }
+
+/// Deletes published rows of an adopted table (`delete.published.rows`) by
+/// their id column, as the table's owner: its triggers and the id type's
+/// equality run with the owner's rights, never the relay's. A failure (the
+/// table or column renamed or dropped since) leaves the rows and says so:
+/// the rows are the application's, and their events are already settled.
+fn delete_adopted_rows(table: &str, column: &str, ids: &[&str]) {
+    for chunk in ids.chunks(1000) {
+        let list: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
+        let r = BackgroundWorker::transaction(|| -> Result<(), pgrx::spi::Error> {
+            let args: [pgrx::datum::DatumWithOid; 2] = [table.into(), column.into()];
+            let (Some(owner), Some(delete)) = Spi::get_two_with_args::<String, String>(ADOPTED_DELETE, &args)? else {
+                warning!(
+                    "outbox relay: published rows of {table} are not deleted: the table or its column \"{column}\" \
+                     is gone (delete.published.rows)"
+                );
+                return Ok(());
+            };
+            let role: [pgrx::datum::DatumWithOid; 1] = [owner.as_str().into()];
+            Spi::run_with_args("SELECT pg_catalog.set_config('role', $1, true)", &role)?;
+            let ids: [pgrx::datum::DatumWithOid; 1] = [list.clone().into()];
+            Spi::run_with_args(&delete, &ids)
+        });
+        if let Err(e) = r {
+            warning!("outbox relay: could not delete published rows of {table} (delete.published.rows): {e}");
+        }
+    }
+}
+
+/// For an adopted table (its name as `outbox.tables` gives it) and its id
+/// column: the table's owner, and the DELETE of the rows whose id is in
+/// `$1` (text values, cast to the column's type); one row always, NULLs
+/// when either is gone. Every function and operator is named with its schema; the table
+/// and type names are printed qualified (the worker's search_path is
+/// pg_catalog alone).
+const ADOPTED_DELETE: &str = "SELECT x.owner, x.del FROM (SELECT) AS one LEFT JOIN LATERAL (
+  SELECT pg_catalog.pg_get_userbyid(c.relowner)::pg_catalog.text AS owner,
+         pg_catalog.format('DELETE FROM %s WHERE %I OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::%s[])',
+                           c.oid::pg_catalog.regclass, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)) AS del
+    FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) c.oid
+   WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass($1)
+     AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+     AND NOT a.attisdropped) AS x ON true";
 
 /// The OID of the extension's own table, or NULL: the member of extension
 /// `outbox` named `outbox` (the plugin recognises its rows the same way).
