@@ -139,7 +139,7 @@ ALTER TABLE outbox_dead_letter
     ADD COLUMN payload_bytes bytea,
     ADD COLUMN adopted boolean NOT NULL DEFAULT false,
     ADD COLUMN source_table text,
-    ADD CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR (payload IS NOT NULL AND aggregateid IS NOT NULL));
+    ADD CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR aggregateid IS NOT NULL);
 CREATE OR REPLACE FUNCTION outbox_dead_letter_republish(event_id uuid DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp

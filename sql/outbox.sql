@@ -117,7 +117,8 @@ AS 'MODULE_PATHNAME', 'outbox_drain';
 -- dead_letter (the stream goes on without them). Fix the cause, then
 -- outbox_dead_letter_republish(). `topic` is where the event was routed
 -- (NULL when no topic could be derived); UPDATE it to send the event
--- elsewhere when re-publishing. Rows of adopted tables (outbox.tables) are
+-- elsewhere when re-publishing. A NULL payload is a tombstone
+-- (outbox.tombstones). Rows of adopted tables (outbox.tables) are
 -- `adopted`: their payload is kept as bytes in `payload_bytes`, their key
 -- may be NULL, `source_table` names the table (NULL when a broker refused
 -- the message, which names only the topic), and they are published again
@@ -137,7 +138,7 @@ CREATE TABLE outbox_dead_letter (
     payload_bytes    bytea,
     adopted          boolean     NOT NULL DEFAULT false,
     source_table     text,
-    CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR (payload IS NOT NULL AND aggregateid IS NOT NULL))
+    CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR aggregateid IS NOT NULL)
 );
 
 COMMENT ON TABLE outbox_dead_letter IS 'Events Kafka rejected for good, with the reason; re-publish with outbox_dead_letter_republish()';

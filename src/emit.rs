@@ -240,7 +240,7 @@ pub(crate) fn write_event(
     topic: Option<&str>,
 ) {
     let checked = check_or_raise(settings::with_topic_template(|t| {
-        validate::event(t, settings::max_event_bytes(), aggregate_type, aggregate_id, event_type, payload, headers, topic)
+        validate::event(t, settings::max_event_bytes(), settings::tombstones(), aggregate_type, aggregate_id, event_type, payload, headers, topic)
             .map(|c| (c.aggregate_type, c.aggregate_id, c.event_type, c.headers, c.topic))
     }));
     let (aggregate_type, aggregate_id, mut headers, topic) = (checked.0, checked.1, checked.3, checked.4);
@@ -255,7 +255,7 @@ pub(crate) fn write_event(
             !t.is_empty()
         });
         if added {
-            let size = validate::record_size(aggregate_type, aggregate_id, event_type, &headers, payload.unwrap_or("null"));
+            let size = validate::record_size(aggregate_type, aggregate_id, event_type, &headers, payload.unwrap_or(""));
             check_or_raise(validate::size(size, settings::max_event_bytes()));
         }
     }
@@ -266,7 +266,7 @@ pub(crate) fn write_event(
         event_type,
         topic,
         headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-        payload: payload.unwrap_or("null"),
+        payload,
     };
     let bytes = message::encode(key, &ev);
     crate::shmem::wake_at_commit();
@@ -324,6 +324,7 @@ pub unsafe extern "C-unwind" fn outbox_table_guard(fcinfo: pg_sys::FunctionCallI
             validate::event(
                 t,
                 settings::max_event_bytes(),
+                false,
                 r.aggregate_type.as_deref(),
                 r.aggregate_id.as_deref(),
                 r.event_type.as_deref(),

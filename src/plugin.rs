@@ -367,7 +367,7 @@ unsafe extern "C-unwind" fn change(
             event_type,
             topic: None,
             headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
-            payload,
+            payload: Some(payload),
         };
         let (xid, commit_lsn, commit_time) = commit_info(txn);
         emit(ctx, DecodedEvent { source: Source::Table, xid, commit_lsn, commit_time, lsn: (*change).lsn, event });

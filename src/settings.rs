@@ -51,6 +51,7 @@ static TOPIC_TEMPLATE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"outbox.event.${aggregatetype}"));
 static MAX_EVENT_BYTES: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_MAX_EVENT_BYTES);
 static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+static TOMBSTONES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// Just under the 1,000,000 bytes that librdkafka's `message.max.bytes` and a
 /// Kafka broker's defaults allow, so that an event we accept is one both
@@ -341,6 +342,15 @@ pub fn init_relay() {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
+        c"outbox.tombstones",
+        c"Whether outbox_emit() accepts a NULL payload, published as a tombstone (a null value, same key).",
+        c"Reloadable. For compacted topics: a tombstone removes its key. Off: a NULL payload is refused. \
+          Adopted tables have their own option (route.tombstone.on.empty.payload).",
+        &TOMBSTONES,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"outbox.topic_creation",
         c"Whether the relay creates a missing topic before its first event.",
         c"Reloadable. Off: an event for a missing topic is refused like any rejected event \
@@ -448,6 +458,10 @@ pub fn on_rejected_event() -> OnRejected {
 pub fn max_retained_wal() -> Option<u64> {
     let mb = MAX_RETAINED_WAL_MB.get();
     (mb >= 0).then(|| mb as u64 * 1024 * 1024)
+}
+
+pub fn tombstones() -> bool {
+    TOMBSTONES.get()
 }
 
 pub fn delete_published_rows() -> bool {

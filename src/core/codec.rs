@@ -58,7 +58,7 @@ pub(crate) fn put_event(out: &mut Vec<u8>, ev: &Event<'_>) {
         put_str(out, k);
         put_str(out, v);
     }
-    put_str(out, ev.payload);
+    put_opt_str(out, ev.payload);
 }
 
 /// The exact number of bytes [`put_event`] appends, so buffers are sized once.
@@ -69,7 +69,7 @@ pub(crate) fn event_len(ev: &Event<'_>) -> usize {
         + ev.event_type.len()
         + ev.topic.map_or(0, str::len)
         + ev.headers.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>()
-        + ev.payload.len()
+        + ev.payload.map_or(0, str::len)
 }
 
 /// A cursor over an encoded buffer that hands out borrowed fields.
@@ -148,7 +148,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             headers.push((self.str()?, self.str()?));
         }
-        let payload = self.str()?;
+        let payload = self.opt_str()?;
         Ok(Event { id, aggregate_type, aggregate_id, event_type, topic, headers, payload })
     }
 
@@ -176,14 +176,14 @@ mod tests {
             event_type: "OrderPlaced",
             topic: Some("orders"),
             headers: vec![("trace", "abc"), ("tenant", "é")],
-            payload: r#"{"total": 4200}"#,
+            payload: Some(r#"{"total": 4200}"#),
         }
     }
 
     #[test]
     fn event_round_trips_and_len_is_exact() {
-        for topic in [Some("orders"), None] {
-            let ev = Event { topic, ..sample() };
+        for (topic, payload) in [(Some("orders"), Some("{}")), (None, Some("[]")), (None, None)] {
+            let ev = Event { topic, payload, ..sample() };
             let mut out = Vec::new();
             put_event(&mut out, &ev);
             assert_eq!(out.len(), event_len(&ev));

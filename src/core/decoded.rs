@@ -314,7 +314,8 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// Appends the JSON text rendering. The payload is inserted verbatim: it is
-/// already JSON, printed by Postgres' jsonb output function.
+/// already JSON, printed by Postgres' jsonb output function; a tombstone's
+/// is `null` (and `"tombstone":true` says which null it is).
 pub fn encode_json(out: &mut String, d: &DecodedEvent<'_>) {
     let ev = &d.event;
     out.push_str("{\"id\":\"");
@@ -349,8 +350,12 @@ pub fn encode_json(out: &mut String, d: &DecodedEvent<'_>) {
         out.push(':');
         json_str(out, v);
     }
-    out.push_str("},\"payload\":");
-    out.push_str(ev.payload);
+    if ev.payload.is_none() {
+        out.push_str("},\"tombstone\":true,\"payload\":null");
+    } else {
+        out.push_str("},\"payload\":");
+        out.push_str(ev.payload.unwrap_or("null"));
+    }
     out.push('}');
 }
 
@@ -373,7 +378,7 @@ mod tests {
                 event_type: "OrderPlaced",
                 topic: Some("orders"),
                 headers: vec![("trace", "t\n1")],
-                payload: r#"{"total": 4200}"#,
+                payload: Some(r#"{"total": 4200}"#),
             },
         }
     }

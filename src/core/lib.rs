@@ -47,8 +47,10 @@ pub struct Event<'a> {
     pub topic: Option<&'a str>,
     /// The event's own Kafka headers, in the order they were given.
     pub headers: Vec<(&'a str, &'a str)>,
-    /// The payload as JSON text, exactly as Postgres printed the jsonb value.
-    pub payload: &'a str,
+    /// The payload as JSON text, exactly as Postgres printed the jsonb
+    /// value; None: a tombstone (SQL NULL, with `outbox.tombstones` on),
+    /// published as a null value.
+    pub payload: Option<&'a str>,
 }
 
 /// Formats a 16-byte id the way Postgres prints a `uuid`.

@@ -22,6 +22,10 @@ use crate::codec::{self, CodecError, Reader};
 use crate::Event;
 
 pub const VERSION_1: u8 = 1;
+/// Version 2: the payload may be absent (a tombstone). Written only for
+/// tombstones, so that a release that predates them refuses such a message
+/// by its version rather than misreading it.
+pub const VERSION_2: u8 = 2;
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + TAG_LEN;
@@ -75,10 +79,11 @@ pub enum MessageError {
 /// Encodes and signs an event. The result is what goes into the WAL.
 pub fn encode(key: &Key, ev: &Event<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + codec::event_len(ev));
-    out.push(VERSION_1);
+    let version = if ev.payload.is_none() { VERSION_2 } else { VERSION_1 };
+    out.push(version);
     out.extend_from_slice(&[0u8; TAG_LEN]);
     codec::put_event(&mut out, ev);
-    let tag = key.tag(VERSION_1, &out[HEADER_LEN..]);
+    let tag = key.tag(version, &out[HEADER_LEN..]);
     out[1..HEADER_LEN].copy_from_slice(&tag);
     out
 }
@@ -86,7 +91,7 @@ pub fn encode(key: &Key, ev: &Event<'_>) -> Vec<u8> {
 /// Verifies and decodes a message; the event borrows from `bytes`.
 pub fn decode<'a>(key: &Key, bytes: &'a [u8]) -> Result<Event<'a>, MessageError> {
     let (&version, rest) = bytes.split_first().ok_or(MessageError::Empty)?;
-    if version != VERSION_1 {
+    if version != VERSION_1 && version != VERSION_2 {
         return Err(MessageError::UnknownVersion(version));
     }
     if rest.len() < TAG_LEN {
@@ -102,6 +107,14 @@ pub fn decode<'a>(key: &Key, bytes: &'a [u8]) -> Result<Event<'a>, MessageError>
     let mut r = Reader::new(body);
     let ev = r.event()?;
     r.finish()?;
+    tombstone_only_in_version_2(version, ev)
+}
+
+/// A version-1 message always has a payload.
+fn tombstone_only_in_version_2(version: u8, ev: Event<'_>) -> Result<Event<'_>, MessageError> {
+    if version == VERSION_1 && ev.payload.is_none() {
+        return Err(MessageError::Malformed(CodecError::Trailing(0)));
+    }
     Ok(ev)
 }
 
@@ -110,7 +123,7 @@ pub fn decode<'a>(key: &Key, bytes: &'a [u8]) -> Result<Event<'a>, MessageError>
 /// to be can be kept (as a dead letter) and named, never published.
 pub fn decode_unverified(bytes: &[u8]) -> Result<Event<'_>, MessageError> {
     let (&version, rest) = bytes.split_first().ok_or(MessageError::Empty)?;
-    if version != VERSION_1 {
+    if version != VERSION_1 && version != VERSION_2 {
         return Err(MessageError::UnknownVersion(version));
     }
     if rest.len() < TAG_LEN {
@@ -119,7 +132,7 @@ pub fn decode_unverified(bytes: &[u8]) -> Result<Event<'_>, MessageError> {
     let mut r = Reader::new(&rest[TAG_LEN..]);
     let ev = r.event()?;
     r.finish()?;
-    Ok(ev)
+    tombstone_only_in_version_2(version, ev)
 }
 
 #[cfg(test)]
@@ -148,7 +161,7 @@ mod tests {
             event_type: "OrderPlaced",
             topic: None,
             headers: vec![("trace", "t1")],
-            payload: r#"{"total": 4200}"#,
+            payload: Some(r#"{"total": 4200}"#),
         }
     }
 
@@ -176,6 +189,20 @@ mod tests {
     }
 
     #[test]
+    fn a_tombstone_is_version_2_and_only_there_may_the_payload_be_absent() {
+        let tomb = Event { payload: None, ..sample() };
+        let bytes = encode(&key(), &tomb);
+        assert_eq!(bytes[0], VERSION_2);
+        assert_eq!(decode(&key(), &bytes).unwrap(), tomb);
+        // The same body under version 1 (signed as such) is malformed.
+        let mut v1 = bytes.clone();
+        v1[0] = VERSION_1;
+        let tag = key().tag(VERSION_1, &v1[HEADER_LEN..]);
+        v1[1..HEADER_LEN].copy_from_slice(&tag);
+        assert!(matches!(decode(&key(), &v1), Err(MessageError::Malformed(_))));
+    }
+
+    #[test]
     fn a_forged_or_altered_message_is_rejected() {
         let mut bytes = encode(&key(), &sample());
         let other = Key::new([9; KEY_LEN]);
@@ -188,7 +215,7 @@ mod tests {
     #[test]
     fn unknown_versions_and_garbage_are_errors() {
         assert_eq!(decode(&key(), &[]), Err(MessageError::Empty));
-        assert_eq!(decode(&key(), &[2, 0, 0]), Err(MessageError::UnknownVersion(2)));
+        assert_eq!(decode(&key(), &[3, 0, 0]), Err(MessageError::UnknownVersion(3)));
         assert!(matches!(decode(&key(), &[1, 0, 0]), Err(MessageError::Malformed(_))));
         let bytes = encode(&key(), &sample());
         for cut in 0..bytes.len() {

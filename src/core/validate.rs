@@ -61,16 +61,20 @@ pub fn required<'a>(field: &str, value: Option<&'a str>) -> Result<&'a str, Inva
     }
 }
 
-/// The payload must be present; JSON `null` is a valid payload (it is
-/// published as the four bytes `null`, not as a Kafka tombstone).
-pub fn payload(value: Option<&str>) -> Result<&str, Invalid> {
-    value.ok_or_else(|| {
-        invalid(
+/// The payload must be present unless tombstones are on (`outbox.tombstones`:
+/// SQL NULL is then published as a null value, a Kafka tombstone). JSON
+/// `null` is a valid payload either way (it is published as the four bytes
+/// `null`, not as a tombstone).
+pub fn payload(value: Option<&str>, tombstones: bool) -> Result<Option<&str>, Invalid> {
+    if value.is_none() && !tombstones {
+        return Err(invalid(
             Kind::Null,
             "outbox event payload must not be NULL".into(),
-            "Pass a jsonb value; the JSON value 'null'::jsonb is allowed and is published as the text null.",
-        )
-    })
+            "Pass a jsonb value; the JSON value 'null'::jsonb is allowed and is published as the text null. \
+             A NULL payload is a tombstone (a null value for compacted topics) where outbox.tombstones is on.",
+        ));
+    }
+    Ok(value)
 }
 
 /// Headers arrive as a JSON document: it must be an object whose values are
@@ -211,7 +215,7 @@ pub struct Checked<'a> {
     pub aggregate_type: &'a str,
     pub aggregate_id: &'a str,
     pub event_type: &'a str,
-    pub payload: &'a str,
+    pub payload: Option<&'a str>,
     pub headers: Vec<(String, String)>,
     /// The explicit topic, if one was given (else the relay routes by template).
     pub topic: Option<&'a str>,
@@ -224,6 +228,7 @@ pub struct Checked<'a> {
 pub fn event<'a>(
     template: &crate::topic::TopicTemplate,
     max_event_bytes: usize,
+    tombstones: bool,
     aggregate_type: Option<&'a str>,
     aggregate_id: Option<&'a str>,
     event_type: Option<&'a str>,
@@ -234,10 +239,10 @@ pub fn event<'a>(
     let aggregate_type = required("aggregate type", aggregate_type)?;
     let aggregate_id = required("aggregate id", aggregate_id)?;
     let event_type = required("event type", event_type)?;
-    let payload_json = payload(payload_json)?;
+    let payload_json = payload(payload_json, tombstones)?;
     let headers = headers(headers_json)?;
     let routed_topic = crate::topic::route(template, topic, aggregate_type, event_type)?;
-    size(record_size(aggregate_type, aggregate_id, event_type, &headers, payload_json), max_event_bytes)?;
+    size(record_size(aggregate_type, aggregate_id, event_type, &headers, payload_json.unwrap_or("")), max_event_bytes)?;
     Ok(Checked { aggregate_type, aggregate_id, event_type, payload: payload_json, headers, topic, routed_topic })
 }
 
@@ -257,8 +262,9 @@ mod tests {
 
     #[test]
     fn payload_null_vs_json_null() {
-        assert_eq!(payload(None).unwrap_err().kind, Kind::Null);
-        assert_eq!(payload(Some("null")).unwrap(), "null");
+        assert_eq!(payload(None, false).unwrap_err().kind, Kind::Null);
+        assert_eq!(payload(None, true).unwrap(), None, "a tombstone");
+        assert_eq!(payload(Some("null"), false).unwrap(), Some("null"));
     }
 
     #[test]
@@ -322,17 +328,17 @@ mod tests {
     fn whole_event_checks_in_order() {
         let t = crate::topic::TopicTemplate::parse(crate::topic::DEFAULT_TEMPLATE).unwrap();
         let h = json!({"trace": "x"});
-        let ok = event(&t, 10_000, Some("Order"), Some("1"), Some("Placed"), Some("{}"), Some(&h), None).unwrap();
+        let ok = event(&t, 10_000, false, Some("Order"), Some("1"), Some("Placed"), Some("{}"), Some(&h), None).unwrap();
         assert_eq!(ok.routed_topic, "outbox.event.Order");
         assert_eq!(ok.headers, vec![("trace".to_string(), "x".to_string())]);
-        let e = event(&t, 10_000, None, None, Some(""), None, None, None).unwrap_err();
+        let e = event(&t, 10_000, false, None, None, Some(""), None, None, None).unwrap_err();
         assert!(e.message.contains("aggregate type"));
-        let e = event(&t, 10_000, Some("A"), Some("1"), Some("T"), None, None, None).unwrap_err();
+        let e = event(&t, 10_000, false, Some("A"), Some("1"), Some("T"), None, None, None).unwrap_err();
         assert!(e.message.contains("payload"));
-        let e = event(&t, 10_000, Some("A b"), Some("1"), Some("T"), Some("1"), None, None).unwrap_err();
+        let e = event(&t, 10_000, false, Some("A b"), Some("1"), Some("T"), Some("1"), None, None).unwrap_err();
         assert!(e.message.contains("topic"));
         let big = "x".repeat(10_000);
-        let e = event(&t, 10_000, Some("A"), Some("1"), Some("T"), Some(&big), None, None).unwrap_err();
+        let e = event(&t, 10_000, false, Some("A"), Some("1"), Some("T"), Some(&big), None, None).unwrap_err();
         assert_eq!(e.kind, Kind::TooLarge);
     }
 }

@@ -162,7 +162,7 @@ impl Deliver {
         }
         let ce = self.cloudevents.apply(&d);
         let (value, content_type) = match &ce {
-            Some(c) => (c.value.as_deref().unwrap_or(ev.payload), Some(c.content_type)),
+            Some(c) => (c.value.as_deref().or(ev.payload), Some(c.content_type)),
             None => (ev.payload, None),
         };
         let with_ce: Vec<(&str, &str)>;
@@ -174,7 +174,8 @@ impl Deliver {
             None => &ev.headers,
         };
         if let Some(limit) = limit {
-            let mut size = outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, headers, value);
+            let mut size =
+                outbox_core::validate::record_size(ev.aggregate_type, ev.aggregate_id, ev.event_type, headers, value.unwrap_or(""));
             if let Some(ct) = content_type {
                 // As record_size counts a header: name, value and 10 bytes.
                 size += outbox_core::cloudevents::KAFKA_CONTENT_TYPE.len() + ct.len() + 10;
@@ -187,8 +188,8 @@ impl Deliver {
             seq,
             id: &ev.id,
             key: Some(ev.aggregate_id),
-            value: Some(value.as_bytes()),
-            payload: Some(ev.payload.as_bytes()),
+            value: value.map(str::as_bytes),
+            payload: ev.payload.map(str::as_bytes),
             own_headers: true,
             partition: None,
             event_type: ev.event_type,
@@ -516,10 +517,13 @@ impl CloudEvents {
 
     fn apply(&self, d: &DecodedEvent<'_>) -> Option<CeParts> {
         use outbox_core::cloudevents::{Attributes, Mode, DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
+        let ev = &d.event;
+        // A tombstone stays a null value in every mode: it carries no event
+        // to describe, and compaction needs the null.
+        let payload = ev.payload?;
         if self.mode == Mode::Off {
             return None;
         }
-        let ev = &d.event;
         let id = outbox_core::format_uuid(&ev.id);
         let header = |name: &str| ev.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let a = Attributes {
@@ -533,7 +537,7 @@ impl CloudEvents {
         };
         Some(match self.mode {
             Mode::Binary => CeParts { headers: a.binary_headers(&self.prefix), value: None, content_type: DATA_CONTENT_TYPE },
-            _ => CeParts { headers: Vec::new(), value: Some(a.structured(ev.payload)), content_type: STRUCTURED_CONTENT_TYPE },
+            _ => CeParts { headers: Vec::new(), value: Some(a.structured(payload)), content_type: STRUCTURED_CONTENT_TYPE },
         })
     }
 }
