@@ -310,6 +310,34 @@ def test_published_rows_are_deleted_as_the_tables_owner_when_asked(app, broker):
             c.execute("DROP ROLE outbox_app_owner")
 
 
+def test_a_users_table_named_outbox_is_adopted_beside_the_extensions(app, broker):
+    """The most common name of a Debezium outbox table is outbox: the
+    application's public.outbox is adopted, and the extension's own
+    outbox.outbox goes on as before, each row published once, as its own."""
+    prefix = f"pub{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("CREATE TABLE public.outbox (id uuid PRIMARY KEY, aggregatetype varchar(255), aggregateid varchar(255), "
+                  "type varchar(255), payload jsonb)")
+    try:
+        adopt(app, "public.outbox", f"route.topic.replacement={prefix}.${{routedByValue}}")
+        theirs, ours = str(uuid.uuid4()), None
+        with app.connect() as c:
+            c.execute("INSERT INTO public.outbox VALUES (%s, 'Order', '1', 'Placed', '{\"app\": true}')", (theirs,))
+            ours = str(c.execute("INSERT INTO outbox.outbox (aggregatetype, aggregateid, type, payload) "
+                                 "VALUES ('Order', '1', 'Placed', '{\"ext\": true}') RETURNING id", prepare=False).fetchone()[0])
+        rig.drain(app)
+        adopted = broker.consume(f"{prefix}.Order", expect=1, timeout=30, linger=0.5)
+        assert [(m["headers"], m["value"]) for m in adopted] == [({"id": theirs}, b'{"app": true}')]
+        own = [m for m in broker.consume("outbox.event.Order", expect=1, timeout=30, linger=0.5) if m["headers"]["id"] == ours]
+        assert len(own) == 1 and own[0]["headers"]["type"] == "Placed", "the extension's table is still its own"
+        with app.connect() as c:
+            assert c.execute("SELECT count(*) FROM public.outbox").fetchone()[0] == 1, "the application's row stays"
+    finally:
+        adopt(app, None, None)
+        with app.connect() as c:
+            c.execute("DROP TABLE public.outbox")
+
+
 def dead_letters(c):
     return c.execute("SELECT id::text, reason, adopted, source_table, payload_bytes, aggregateid, topic "
                      "FROM outbox_dead_letter WHERE adopted ORDER BY commit_lsn").fetchall()
