@@ -41,3 +41,15 @@ def db(pg):
         c.execute("CREATE EXTENSION IF NOT EXISTS outbox")
     rig.wait_for_relay(pg)
     return pg
+
+
+@pytest.fixture(scope="module")
+def dbz_broker(pg):
+    """A broker of Debezium's own, beside the suite's, so that Debezium and
+    outbox can publish to the same topic names at once (the tests that
+    compare their records)."""
+    b = rig.KafkaBroker(port=rig.KAFKA_PORT + 400)
+    b.reset()
+    b.start()
+    yield b
+    b.stop()

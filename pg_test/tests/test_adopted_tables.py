@@ -27,16 +27,6 @@ from helpers import sqlstate_of, with_relay_restarted
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-@pytest.fixture(scope="module")
-def dbz_broker(pg):
-    """Debezium's own broker, so that both can publish to the same topic names."""
-    b = rig.KafkaBroker(port=rig.KAFKA_PORT + 420)
-    b.reset()
-    b.start()
-    yield b
-    b.stop()
-
-
 @pytest.fixture
 def app(db):
     """The application's schema; outbox.tables reset afterwards."""

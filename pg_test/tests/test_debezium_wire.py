@@ -15,8 +15,6 @@ test pins that difference exactly, and the README lists it with the others
 import json
 import uuid
 
-import pytest
-
 import rig
 
 PAYLOADS = [
@@ -28,16 +26,6 @@ PAYLOADS = [
     "just a string",
 ]
 KEYS = ["42", "order-ä", "x" * 200, "42", "7", "order-ä"]
-
-
-@pytest.fixture(scope="module")
-def dbz_broker(pg):
-    """Debezium's own broker."""
-    b = rig.KafkaBroker(port=rig.KAFKA_PORT + 400)
-    b.reset()
-    b.start()
-    yield b
-    b.stop()
 
 
 def publish_both(db, broker, dbz_broker, converters):

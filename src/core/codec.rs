@@ -53,12 +53,16 @@ pub(crate) fn put_event(out: &mut Vec<u8>, ev: &Event<'_>) {
     put_str(out, ev.aggregate_id);
     put_str(out, ev.event_type);
     put_opt_str(out, ev.topic);
-    put_u32(out, ev.headers.len() as u32);
-    for (k, v) in &ev.headers {
+    put_headers(out, &ev.headers);
+    put_opt_str(out, ev.payload);
+}
+
+pub(crate) fn put_headers(out: &mut Vec<u8>, headers: &[(&str, &str)]) {
+    put_u32(out, headers.len() as u32);
+    for (k, v) in headers {
         put_str(out, k);
         put_str(out, v);
     }
-    put_opt_str(out, ev.payload);
 }
 
 /// The exact number of bytes [`put_event`] appends, so buffers are sized once.
@@ -141,6 +145,12 @@ impl<'a> Reader<'a> {
         let aggregate_id = self.str()?;
         let event_type = self.str()?;
         let topic = self.opt_str()?;
+        let headers = self.headers()?;
+        let payload = self.opt_str()?;
+        Ok(Event { id, aggregate_type, aggregate_id, event_type, topic, headers, payload })
+    }
+
+    pub(crate) fn headers(&mut self) -> Result<Vec<(&'a str, &'a str)>, CodecError> {
         let n = self.u32()? as usize;
         // Bound the allocation by what the buffer can hold, not by a length
         // field an attacker or a torn record chose.
@@ -148,8 +158,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             headers.push((self.str()?, self.str()?));
         }
-        let payload = self.opt_str()?;
-        Ok(Event { id, aggregate_type, aggregate_id, event_type, topic, headers, payload })
+        Ok(headers)
     }
 
     pub(crate) fn remaining(&self) -> usize {

@@ -179,11 +179,7 @@ pub fn encode_row_binary(out: &mut Vec<u8>, d: &DecodedRow<'_>) {
     codec::put_opt_bytes(out, d.value);
     codec::put_opt_bytes(out, d.payload);
     codec::put_str(out, d.topic);
-    codec::put_u32(out, d.headers.len() as u32);
-    for (k, v) in &d.headers {
-        codec::put_str(out, k);
-        codec::put_str(out, v);
-    }
+    codec::put_headers(out, &d.headers);
     out.extend_from_slice(&d.partition.map_or(ABSENT_I64, i64::from).to_le_bytes());
     out.extend_from_slice(&d.timestamp.unwrap_or(ABSENT_I64).to_le_bytes());
     codec::put_opt_str(out, d.route_value);
@@ -210,11 +206,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Record<'_>, DecodedError> {
     let value = r.opt_bytes()?;
     let payload = r.opt_bytes()?;
     let topic = r.str()?;
-    let n = r.u32()? as usize;
-    let mut headers = Vec::with_capacity(n.min(r.remaining() / 8));
-    for _ in 0..n {
-        headers.push((r.str()?, r.str()?));
-    }
+    let headers = r.headers()?;
     let partition = match r.i64()? {
         ABSENT_I64 => None,
         p => Some(p as i32),
@@ -264,19 +256,10 @@ pub fn encode_row_json(out: &mut String, d: &DecodedRow<'_>) {
         Some(s) => json_str(out, s),
         None => out.push_str("null"),
     };
-    out.push_str("{\"id\":\"");
-    out.push_str(&format_uuid(&d.id));
-    out.push_str("\",\"source\":\"adopted\",\"table\":");
+    json_position(out, &d.id, "adopted", d.xid, d.commit_lsn, d.commit_time, d.lsn);
+    out.push_str(",\"table\":");
     json_str(out, d.table);
-    out.push_str(",\"xid\":");
-    out.push_str(&d.xid.to_string());
-    out.push_str(",\"commit_lsn\":\"");
-    out.push_str(&lsn::format(d.commit_lsn));
-    out.push_str("\",\"commit_time\":\"");
-    out.push_str(&time::format_rfc3339(time::pg_to_unix_micros(d.commit_time)));
-    out.push_str("\",\"lsn\":\"");
-    out.push_str(&lsn::format(d.lsn));
-    out.push_str("\",\"topic\":");
+    out.push_str(",\"topic\":");
     json_str(out, d.topic);
     out.push_str(",\"key\":");
     opt(out, d.key);
@@ -307,6 +290,24 @@ pub fn encode_row_json(out: &mut String, d: &DecodedRow<'_>) {
     out.push('}');
 }
 
+/// Opens a record's JSON with its id, source and where it sits in the WAL:
+/// `{"id":…,"source":…,"xid":…,"commit_lsn":…,"commit_time":…,"lsn":…`.
+fn json_position(out: &mut String, id: &[u8; 16], source: &str, xid: u32, commit_lsn: u64, commit_time: i64, lsn: u64) {
+    out.push_str("{\"id\":\"");
+    out.push_str(&format_uuid(id));
+    out.push_str("\",\"source\":\"");
+    out.push_str(source);
+    out.push_str("\",\"xid\":");
+    out.push_str(&xid.to_string());
+    out.push_str(",\"commit_lsn\":\"");
+    out.push_str(&lsn::format(commit_lsn));
+    out.push_str("\",\"commit_time\":\"");
+    out.push_str(&time::format_rfc3339(time::pg_to_unix_micros(commit_time)));
+    out.push_str("\",\"lsn\":\"");
+    out.push_str(&lsn::format(lsn));
+    out.push('"');
+}
+
 fn json_str(out: &mut String, s: &str) {
     // serde_json's string escaping is exactly JSON's; writing into a String
     // cannot fail.
@@ -318,19 +319,8 @@ fn json_str(out: &mut String, s: &str) {
 /// is `null` (and `"tombstone":true` says which null it is).
 pub fn encode_json(out: &mut String, d: &DecodedEvent<'_>) {
     let ev = &d.event;
-    out.push_str("{\"id\":\"");
-    out.push_str(&format_uuid(&ev.id));
-    out.push_str("\",\"source\":\"");
-    out.push_str(d.source.name());
-    out.push_str("\",\"xid\":");
-    out.push_str(&d.xid.to_string());
-    out.push_str(",\"commit_lsn\":\"");
-    out.push_str(&lsn::format(d.commit_lsn));
-    out.push_str("\",\"commit_time\":\"");
-    out.push_str(&time::format_rfc3339(time::pg_to_unix_micros(d.commit_time)));
-    out.push_str("\",\"lsn\":\"");
-    out.push_str(&lsn::format(d.lsn));
-    out.push_str("\",\"aggregatetype\":");
+    json_position(out, &ev.id, d.source.name(), d.xid, d.commit_lsn, d.commit_time, d.lsn);
+    out.push_str(",\"aggregatetype\":");
     json_str(out, ev.aggregate_type);
     out.push_str(",\"aggregateid\":");
     json_str(out, ev.aggregate_id);
@@ -367,10 +357,10 @@ mod tests {
         DecodedEvent {
             source: Source::Table,
             xid: 741,
-            commit_lsn: 0x1_6B37_48,
+            commit_lsn: 0x016B_3748,
             // 2026-11-22T19:51:55.123456Z
             commit_time: (1_795_377_115 - 946_684_800) * 1_000_000 + 123_456,
-            lsn: 0x1_6B36_00,
+            lsn: 0x016B_3600,
             event: Event {
                 id: [0xab; 16],
                 aggregate_type: "Order",
