@@ -397,6 +397,12 @@ def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
         assert refused(c, tables="app.outboxevent, app.untyped") == \
             'table app.untyped has no column "aggregatetype" (the mapping\'s route.by.field)'
         assert 'unknown outbox router option "table.field.event.idd"' in refused(c, table_options="table.field.event.idd=x")
+    # From another database the tables cannot be looked up: only the syntax
+    # is checked there (the relay checks each row as it decodes).
+    with app.connect(dbname="postgres") as c:
+        assert "with its schema" in refused(c, tables="outboxevent")
+        c.execute("ALTER SYSTEM SET outbox.tables = 'app.nope'")
+        c.execute("ALTER SYSTEM RESET outbox.tables")
     adopt(app, "app.outboxevent", "")
     with app.connect() as c:
         assert refused(c, table_options="table.field.event.payload=body") == \

@@ -75,14 +75,22 @@ pub fn parse(tables: &str, options: &str) -> Result<(Vec<TableName>, Mapping), S
 }
 
 /// Checks `tables` under `options` against the catalog, when there is one
-/// to read (a transaction in a database); outside one (a configuration
+/// to read (a transaction in `outbox.database`); outside one (a configuration
 /// file being read) only the syntax is checked here, and the output plugin
 /// checks each row's table as it decodes.
 fn check(tables: &str, options: &str) -> Result<(), String> {
     let (tables, mapping) = parse(tables, options)?;
-    // SAFETY: reading two backend globals.
-    let in_db = unsafe { pg_sys::IsTransactionState() && pg_sys::MyDatabaseId != pg_sys::InvalidOid };
-    if !in_db {
+    // SAFETY: reading two backend globals; get_database_name is a syscache
+    // lookup, made only in a transaction, returning a palloc'd copy or NULL.
+    let in_outbox_db = unsafe {
+        pg_sys::IsTransactionState() && pg_sys::MyDatabaseId != pg_sys::InvalidOid && {
+            let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+            !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == super::database().as_bytes()
+        }
+    };
+    // The tables live in outbox.database: from any other database (an
+    // ALTER SYSTEM run there) only the syntax can be checked.
+    if !in_outbox_db {
         return Ok(());
     }
     for t in &tables {
