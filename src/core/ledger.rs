@@ -22,8 +22,13 @@ pub struct Ledger {
     tracker: Tracker,
     /// Commit times of transactions in flight, oldest first: (commit LSN, time).
     commit_times: VecDeque<(u64, i64)>,
-    /// Table rows sent, to delete once settled: (commit LSN, row).
-    table_rows: VecDeque<(u64, Row)>,
+    /// Rows of the extension's table sent, to delete once settled: (commit
+    /// LSN, id). Kept apart from adopted rows and as bare ids: one entry per
+    /// event of a transaction in flight, so a 200k-row transaction holds
+    /// 200k of them (24 bytes each here, not the size of an adopted row).
+    table_rows: VecDeque<(u64, [u8; 16])>,
+    /// Rows of adopted tables (`delete.published.rows`) sent: (commit LSN, row).
+    adopted_rows: VecDeque<(u64, AdoptedRow)>,
     /// Events whose delivery failed: no longer in flight at the sink, never
     /// settled (so the slot is never confirmed past them).
     failed: u64,
@@ -38,9 +43,18 @@ pub struct Ledger {
 pub enum Row {
     /// A row of the extension's own table, by its id.
     Own([u8; 16]),
-    /// A row of an adopted table with `delete.published.rows` on: the table
-    /// (as `outbox.tables` names it), its id column and the id's text.
-    Adopted { table: String, column: String, id: String },
+    /// A row of an adopted table with `delete.published.rows` on.
+    Adopted(AdoptedRow),
+}
+
+/// A row of an adopted table to delete once its event is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptedRow {
+    /// The table, as `outbox.tables` names it.
+    pub table: String,
+    /// Its id column, and the id's text.
+    pub column: String,
+    pub id: String,
 }
 
 /// What one settle step found.
@@ -48,8 +62,11 @@ pub enum Row {
 pub struct Settlement {
     /// The position that may be confirmed now.
     pub confirmable: u64,
-    /// Table rows whose events are settled up to `confirmable`.
-    pub delete_rows: Vec<Row>,
+    /// Ids of the extension's table rows whose events are settled up to
+    /// `confirmable`.
+    pub delete_rows: Vec<[u8; 16]>,
+    /// Adopted tables' rows whose events are settled up to `confirmable`.
+    pub delete_adopted: Vec<AdoptedRow>,
     pub in_flight: u64,
     /// Commit time of the oldest transaction not yet settled (0: none).
     pub oldest_commit_time: i64,
@@ -68,6 +85,7 @@ impl Ledger {
             tracker: Tracker::new(),
             commit_times: VecDeque::new(),
             table_rows: VecDeque::new(),
+            adopted_rows: VecDeque::new(),
             failed: 0,
             last_ack: now,
             published: (0, 0),
@@ -87,8 +105,10 @@ impl Ledger {
         if self.commit_times.back().map(|(l, _)| *l) != Some(commit_lsn) {
             self.commit_times.push_back((commit_lsn, commit_time));
         }
-        if let Some(row) = table_row {
-            self.table_rows.push_back((commit_lsn, row));
+        match table_row {
+            Some(Row::Own(id)) => self.table_rows.push_back((commit_lsn, id)),
+            Some(Row::Adopted(row)) => self.adopted_rows.push_back((commit_lsn, row)),
+            None => {}
         }
         seq
     }
@@ -139,12 +159,8 @@ impl Ledger {
     /// decoded and handed over.
     pub fn settle(&mut self, read_upto: u64, now: Instant) -> Settlement {
         let confirmable = self.tracker.confirmable(read_upto);
-        let mut delete_rows = Vec::new();
-        while self.table_rows.front().is_some_and(|(l, _)| *l <= confirmable) {
-            if let Some((_, row)) = self.table_rows.pop_front() {
-                delete_rows.push(row);
-            }
-        }
+        let delete_rows = settled(&mut self.table_rows, confirmable);
+        let delete_adopted = settled(&mut self.adopted_rows, confirmable);
         while self.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
             self.commit_times.pop_front();
         }
@@ -152,6 +168,7 @@ impl Ledger {
         Settlement {
             confirmable,
             delete_rows,
+            delete_adopted,
             in_flight,
             oldest_commit_time: self.commit_times.front().map_or(0, |(_, t)| *t),
             sink_silent: self.sink_silent(now),
@@ -159,6 +176,12 @@ impl Ledger {
             published: std::mem::take(&mut self.published),
         }
     }
+}
+
+/// Takes the rows of transactions up to `confirmable` off the front.
+fn settled<T>(rows: &mut VecDeque<(u64, T)>, confirmable: u64) -> Vec<T> {
+    let n = rows.iter().take_while(|(l, _)| *l <= confirmable).count();
+    rows.drain(..n).map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]
@@ -183,7 +206,7 @@ mod tests {
         l.acked(a, 10, t0);
         let s = l.settle(300, t0);
         assert_eq!(s.confirmable, 300);
-        assert_eq!(s.delete_rows, vec![Row::Own([1; 16]), Row::Own([2; 16])]);
+        assert_eq!(s.delete_rows, vec![[1; 16], [2; 16]]);
         assert_eq!(s.published, (1, 10));
         assert_eq!(l.settle(300, t0).published, (0, 0), "counted once");
     }
@@ -232,7 +255,28 @@ mod tests {
         l.seal();
         let s = l.settle(150, t0);
         assert_eq!(s.confirmable, 150);
-        assert_eq!(s.delete_rows, vec![Row::Own([7; 16])]);
+        assert_eq!(s.delete_rows, vec![[7; 16]]);
         assert_eq!(s.published, (0, 0), "not counted as published");
+    }
+
+    #[test]
+    fn adopted_rows_are_released_with_their_transaction_beside_own_rows() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        let row = |id: &str| AdoptedRow { table: "app.outbox".into(), column: "id".into(), id: id.into() };
+        let a = l.sent(100, 0, Some(Row::Adopted(row("1"))), t0);
+        let b = l.sent(100, 0, Some(Row::Own([3; 16])), t0);
+        let c = l.sent(200, 0, Some(Row::Adopted(row("2"))), t0);
+        l.seal();
+        for s in [a, b] {
+            l.acked(s, 1, t0);
+        }
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.delete_rows, s.delete_adopted), (100, vec![[3; 16]], vec![row("1")]));
+        l.acked(c, 1, t0);
+        let s = l.settle(300, t0);
+        assert_eq!((s.confirmable, s.delete_rows, s.delete_adopted), (300, vec![], vec![row("2")]));
+        let s = l.settle(300, t0);
+        assert!(s.delete_rows.is_empty() && s.delete_adopted.is_empty(), "released once");
     }
 }

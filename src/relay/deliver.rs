@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 
 use outbox_core::confirm::TxnSeq;
 use outbox_core::decoded::{self, DecodedEvent};
-use outbox_core::ledger::{Ledger, Row};
+use outbox_core::ledger::{AdoptedRow, Ledger, Row};
 use outbox_core::relay_state::Input;
 use outbox_core::topic::TopicTemplate;
 use outbox_core::{lsn, retry};
@@ -209,10 +209,8 @@ impl Deliver {
     fn handle_row(&mut self, r: &decoded::DecodedRow<'_>) {
         // With delete.published.rows: deleted once settled, as the outbox
         // table's rows are (published or dead-lettered alike).
-        let row = r.cleanup.zip(r.headers.first().filter(|(k, _)| *k == "id")).map(|(column, (_, id))| Row::Adopted {
-            table: r.table.to_owned(),
-            column: column.to_owned(),
-            id: (*id).to_owned(),
+        let row = r.cleanup.zip(r.headers.first().filter(|(k, _)| *k == "id")).map(|(column, (_, id))| {
+            Row::Adopted(AdoptedRow { table: r.table.to_owned(), column: column.to_owned(), id: (*id).to_owned() })
         });
         let seq = self.ledger.sent(r.commit_lsn, r.commit_time, row, clock::now());
         if self.dead_known.contains(&(r.id, r.commit_lsn)) {

@@ -18,7 +18,7 @@ use crate::clock;
 use crate::dead_letter;
 use crate::settings;
 use crate::slot;
-use outbox_core::ledger::Row;
+use outbox_core::ledger::AdoptedRow;
 
 impl Relay {
     /// The step outside decoding: write dead letters, delete settled table
@@ -32,7 +32,7 @@ impl Relay {
         }
         let now = clock::now();
         let s = self.deliver.ledger.settle(read_upto, now);
-        self.delete_published_rows(&s.delete_rows);
+        self.delete_published_rows(&s.delete_rows, &s.delete_adopted);
         // The status first, then the confirmation: whoever sees the new
         // confirmed position (outbox_drain) then sees counters and state
         // that include it.
@@ -136,19 +136,12 @@ impl Relay {
     /// locked by OID before its name is read, so an update in progress is
     /// waited for and the name is the one after it; a table gone (the
     /// extension dropped) leaves nothing to delete.
-    fn delete_published_rows(&mut self, rows: &[Row]) {
-        if rows.is_empty() {
-            return;
-        }
-        let mut ids = Vec::new();
+    fn delete_published_rows(&mut self, ids: &[[u8; 16]], rows: &[AdoptedRow]) {
         let mut adopted: Vec<(&str, &str, Vec<&str>)> = Vec::new();
         for r in rows {
-            match r {
-                Row::Own(id) => ids.push(*id),
-                Row::Adopted { table, column, id } => match adopted.iter_mut().find(|(t, c, _)| t == table && c == column) {
-                    Some((_, _, list)) => list.push(id),
-                    None => adopted.push((table, column, vec![id])),
-                },
+            match adopted.iter_mut().find(|(t, c, _)| *t == r.table && *c == r.column) {
+                Some((_, _, list)) => list.push(&r.id),
+                None => adopted.push((&r.table, &r.column, vec![&r.id])),
             }
         }
         for (table, column, list) in adopted {
