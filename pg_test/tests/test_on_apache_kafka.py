@@ -110,6 +110,50 @@ def test_d6_broker_rejection_dead_lettered_then_the_rest_in_order(kpg, kafka):
     print(f"\n[dead letter] {len(got)} records for 3 events (duplicates: {len(got) - 3})")
 
 
+def test_d6_a_refusal_only_the_broker_makes_in_a_new_producers_first_requests_keeps_order(kpg, kafka):
+    """on_rejected_event = stop, and a backlog whose first event the broker
+    alone refuses (its commit time is older than the topic's
+    message.timestamp.before.max.ms), sent by a new producer in several
+    requests at once (batch.num.messages=1 here; a backlog larger than one
+    batch does the same). The broker knows nothing of a new producer until
+    one of its batches is written to the partition, so it took the second
+    request as the producer's first: the events after the refused one were
+    written while the relay stopped on it. A new producer now has one event
+    in flight per partition until the broker has written one: nothing after
+    the refused event is written, and after the fix and resume everything
+    arrives in commit order."""
+    topic = rig.unique_topic("firstreq")
+    kafka.create_topic(topic, partitions=1, config={"message.timestamp.before.max.ms": "15000"})
+    set_conf(kpg, "outbox.on_rejected_event", "stop")
+    set_conf(kpg, "outbox.kafka_properties", "batch.num.messages=1", restarts_relay=True)
+    set_conf(kpg, "outbox.relay_enabled", "off")
+    rig.wait_for_relay(kpg, state="disabled")
+    try:
+        with kpg.connect() as c:
+            old = emit(c, topic, "k", {"n": 1})
+        time.sleep(17)  # the first event ages past the topic's window
+        with kpg.connect() as c:
+            rest = [emit(c, topic, "k", {"n": n}) for n in range(2, 41)]
+        set_conf(kpg, "outbox.relay_enabled", None)
+        status = rig.wait_for_relay(kpg, state="stopped on bad event", timeout=60)
+        assert str(old) in status["last_error"] and "timestamp" in status["last_error"].lower(), status["last_error"]
+        time.sleep(2)
+        written = ids(kafka.consume(topic, expect=1, timeout=8))
+        assert written == [], f"{len(written)} events after the refused one were written before it"
+        kafka.alter_topic(topic, {"message.timestamp.before.max.ms": "9223372036854775807"})  # the fix
+        with kpg.connect() as c:
+            assert c.execute("SELECT outbox_relay_resume()").fetchone()[0]
+        rig.wait_for_relay(kpg, timeout=60)
+        rig.drain(kpg)
+        got = kafka.consume(topic, expect=40, timeout=30, linger=1)
+        assert ids(got) == [str(e) for e in [old, *rest]]
+        print(f"\n[first requests] {len(got)} records for 40 events (duplicates: {len(got) - 40})")
+    finally:
+        set_conf(kpg, "outbox.relay_enabled", None)
+        set_conf(kpg, "outbox.on_rejected_event", None)
+        set_conf(kpg, "outbox.kafka_properties", None, restarts_relay=True)
+
+
 def test_d11_an_event_larger_than_the_old_32mib_queue_is_settled_not_stuck(kpg, kafka):
     """outbox.max_event_bytes accepts up to 100 MB; 0.1.0's producer queue
     held 32 MiB, so a 40 MB event waited for room forever inside decoding

@@ -11,6 +11,7 @@ pub mod cloudevents;
 pub mod codec;
 pub mod confirm;
 pub mod decoded;
+pub mod first_writes;
 pub mod histogram;
 pub mod kafka_errors;
 pub mod kafka_props;

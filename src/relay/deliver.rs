@@ -59,7 +59,8 @@ struct Failure {
     rej: Rejected,
     commit_lsn: u64,
     commit_time: i64,
-    /// The sink reported it (the ledger counts it as failed); else it was
+    /// The ledger counts it as failed: the sink reported it, or the sink
+    /// could not take it for a reason that is not permanent. Else it was
     /// refused before the sink took it, and `letter` is the decoded event.
     from_report: bool,
     letter: Option<Letter>,
@@ -332,7 +333,13 @@ impl Deliver {
         }
         if let Err(rej) = res {
             let seq = out.seq;
-            self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: false, letter: Some(letter()), refused_here: false });
+            // A transient failure is counted as failed, as a report's is: the
+            // restart it leads to then waits only for what is really in flight.
+            let counted = !rej.permanent;
+            if counted {
+                self.ledger.failed(seq);
+            }
+            self.reject(Failure { seq, rej, commit_lsn, commit_time, from_report: counted, letter: Some(letter()), refused_here: false });
         }
     }
 

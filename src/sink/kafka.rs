@@ -18,6 +18,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::Message;
 
+use outbox_core::first_writes::FirstWrites;
 use outbox_core::{format_uuid_into, time};
 
 use super::{wait_serving, with_signals_blocked, DestinationError, OutEvent, Rejected, Report, Returned, Sink};
@@ -62,6 +63,10 @@ fn rejected(e: &KafkaError, topic: &str, event_id: String, returned: Returned) -
 
 pub struct Ctx {
     reports: Mutex<Vec<Report>>,
+    /// The partitions this producer has not written to yet (see
+    /// `outbox_core::first_writes`). Reports come on the worker's thread,
+    /// in `poll`; the lock is never contended.
+    first: Mutex<FirstWrites>,
 }
 
 impl ClientContext for Ctx {}
@@ -79,6 +84,11 @@ impl ProducerContext for Ctx {
                 (Some(rejected(e, msg.topic(), id, returned)), 0)
             }
         };
+        if let Ok(mut f) = self.first.lock() {
+            if f.waiting() {
+                f.reported(seq, error.is_none());
+            }
+        }
         if let Ok(mut v) = self.reports.lock() {
             v.push(Report { seq, bytes, error });
         }
@@ -130,6 +140,17 @@ fn returned_of<M: Message>(msg: &M, cloudevents: bool, adopted: bool) -> (String
     (id, r)
 }
 
+/// What the relay knows of a topic it has checked.
+#[derive(Clone, Copy)]
+struct Topic {
+    /// Its `max.message.bytes`, when it could be read and no compression
+    /// is configured.
+    limit: Option<usize>,
+    /// Its number of partitions, as the metadata said when it was checked
+    /// (0: not known).
+    partitions: i32,
+}
+
 pub struct TopicCreation {
     pub enabled: bool,
     pub partitions: i32,
@@ -145,13 +166,13 @@ pub struct KafkaSink {
     /// first use, shared with the admin thread of a request in flight, and
     /// closed with the producer (see `close`).
     admin: Option<Arc<Admin>>,
-    /// Topics known to exist, with their `max.message.bytes` when it could
-    /// be read and no compression is configured (see `ensure_topic`).
-    known_topics: HashMap<String, Option<usize>>,
+    /// Topics known to exist (see `ensure_topic`).
+    known_topics: HashMap<String, Topic>,
     /// The user configured compression: a record's size on the wire is
     /// then not known beforehand.
     compressed: bool,
 }
+
 
 impl KafkaSink {
     pub fn new(
@@ -196,7 +217,10 @@ impl KafkaSink {
             config.set(k, v);
         }
         let producer = with_signals_blocked(|| {
-            config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx { reports: Mutex::new(Vec::new()) })
+            config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx {
+                reports: Mutex::new(Vec::new()),
+                first: Mutex::new(FirstWrites::new()),
+            })
         })?;
         let compressed = user
             .iter()
@@ -219,14 +243,14 @@ impl KafkaSink {
         creation: &TopicCreation,
         mut interrupts: impl FnMut(),
     ) -> Result<Option<usize>, DestinationError> {
-        if let Some(limit) = self.known_topics.get(topic) {
-            return Ok(*limit);
+        if let Some(known) = self.known_topics.get(topic) {
+            return Ok(known.limit);
         }
         let unreachable = |e: String| DestinationError::Unreachable(format!("could not read metadata of topic \"{topic}\": {e}"));
         // Probes go through the admin client, not the producer, so they
         // can run on the admin thread while the worker serves interrupts.
         let prober = self.admin().map_err(|e| unreachable(e.to_string()))?;
-        let seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
+        let mut seen = probe_topic(&prober, topic, Duration::from_secs(2), &mut interrupts).map_err(unreachable)?;
         if seen == TopicSeen::Missing {
             if !creation.enabled {
                 return Err(DestinationError::Missing(format!(
@@ -241,7 +265,8 @@ impl KafkaSink {
             while crate::clock::now() < deadline {
                 interrupts();
                 let probe = probe_topic(&prober, topic, Duration::from_millis(500), &mut interrupts);
-                if probe == Ok(TopicSeen::Exists { leaders: true }) {
+                if let Ok(s @ TopicSeen::Exists { leaders: true, .. }) = probe {
+                    seen = s;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -251,7 +276,11 @@ impl KafkaSink {
         if self.known_topics.len() >= KNOWN_TOPICS_MAX {
             self.known_topics.clear();
         }
-        self.known_topics.insert(topic.to_owned(), limit);
+        let partitions = match seen {
+            TopicSeen::Exists { partitions, .. } => partitions,
+            TopicSeen::Missing => 0,
+        };
+        self.known_topics.insert(topic.to_owned(), Topic { limit, partitions });
         Ok(limit)
     }
 
@@ -319,6 +348,9 @@ impl KafkaSink {
     fn produce(&self, ev: &OutEvent<'_>, on_full: &mut dyn FnMut(&mut Vec<Report>)) -> Result<(), Rejected> {
         let mut id_buf = [0u8; 36];
         let id_text = format_uuid_into(ev.id, &mut id_buf);
+        if let Some(r) = self.stopped_by_earlier_failure(ev, id_text) {
+            return Err(r);
+        }
         let mut h = OwnedHeaders::new_with_capacity(3 + ev.headers.len());
         if ev.own_headers {
             h = h
@@ -344,13 +376,34 @@ impl KafkaSink {
         if let Some(v) = ev.value {
             record = record.payload(v);
         }
-        if let Some(p) = ev.partition {
+        let mut reports = Vec::new();
+        // A partition this producer has not written to yet takes one event
+        // at a time (see outbox_core::first_writes): the partition is named
+        // here, as librdkafka's partitioner would choose it, so that the
+        // event goes where it was held for.
+        let target = self.partition_of(ev);
+        let first = target.filter(|&p| !self.is_warm(ev.destination, p));
+        if let Some(p) = first {
+            while !self.producer.context().first.lock().map_or(true, |f| f.may_send(ev.destination, p)) {
+                self.poll_reports(Duration::from_millis(10), &mut reports);
+                on_full(&mut reports);
+                reports.clear();
+            }
+        }
+        // Named also for a null key, which librdkafka would send to a
+        // partition of its own random choice.
+        let named = if ev.partition.is_some() || ev.key.is_none() { target } else { first };
+        if let Some(p) = named {
             record = record.partition(p);
         }
-        let mut reports = Vec::new();
         loop {
             match self.producer.send(record) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if let (Some(p), Ok(mut f)) = (first, self.producer.context().first.lock()) {
+                        f.sent(ev.seq, ev.destination, p);
+                    }
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     self.poll_reports(Duration::from_millis(100), &mut reports);
@@ -358,10 +411,66 @@ impl KafkaSink {
                     reports.clear();
                 }
                 Err((e, _)) => {
-                    return Err(rejected(&e, ev.destination, id_text.to_owned(), Returned::of(ev, id_text)));
+                    return Err(self
+                        .stopped_by_earlier_failure(ev, id_text)
+                        .unwrap_or_else(|| rejected(&e, ev.destination, id_text.to_owned(), Returned::of(ev, id_text))));
                 }
             }
         }
+    }
+
+    /// After a delivery failed for good, librdkafka's gapless guarantee
+    /// stops the producer (a fatal error), and every later send fails
+    /// with the *earlier* failure's code: not this event's fault, and not
+    /// permanent for it. The stream restarts with a new producer, which
+    /// sends it then (not counted against the event, as for a lost
+    /// connection).
+    fn stopped_by_earlier_failure(&self, ev: &OutEvent<'_>, id_text: &str) -> Option<Rejected> {
+        let (_, why) = self.producer.client().fatal_error()?;
+        Some(Rejected {
+            reason: format!("not sent: the producer stopped after an earlier delivery failed ({why})"),
+            destination: ev.destination.to_owned(),
+            event_id: id_text.to_owned(),
+            permanent: false,
+            batch: false,
+            returned: Some(Box::new(Returned::of(ev, id_text))),
+            connection: true,
+        })
+    }
+
+    /// The partition the event goes to: its own, or the one librdkafka's
+    /// partitioner (murmur2_random, which the relay sets) gives its key
+    /// among the topic's partitions as last read; a null key goes to one
+    /// picked by its sequence number (librdkafka's would be random). None
+    /// when the topic's partitions are not known.
+    fn partition_of(&self, ev: &OutEvent<'_>) -> Option<i32> {
+        if ev.partition.is_some() {
+            return ev.partition;
+        }
+        let n = self.known_topics.get(ev.destination)?.partitions;
+        if n <= 0 {
+            return None;
+        }
+        Some(match ev.key {
+            // SAFETY: rd_kafka_msg_partitioner_murmur2 reads `keylen` bytes
+            // of the key and nothing else (the topic and opaques are unused;
+            // see rdkafka_msg.c), and n > 0.
+            Some(k) => unsafe {
+                rdkafka::bindings::rd_kafka_msg_partitioner_murmur2(
+                    std::ptr::null(),
+                    k.as_ptr().cast(),
+                    k.len(),
+                    n,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            },
+            None => (ev.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as i32 % n,
+        })
+    }
+
+    fn is_warm(&self, topic: &str, partition: i32) -> bool {
+        self.producer.context().first.lock().map_or(true, |f| f.is_warm(topic, partition))
     }
 
     /// Serves delivery reports (waiting up to `timeout` for one) into
@@ -380,8 +489,9 @@ impl KafkaSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TopicSeen {
     Missing,
-    /// With every partition led (false: a leader is still being elected).
-    Exists { leaders: bool },
+    /// With every partition led (false: a leader is still being elected),
+    /// and how many partitions.
+    Exists { leaders: bool, partitions: i32 },
 }
 
 /// Asks the broker about one topic (never creating it: the client has
@@ -399,7 +509,10 @@ fn probe_topic(
             let found = md.topics().iter().find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
             Ok(match found {
                 None => TopicSeen::Missing,
-                Some(t) => TopicSeen::Exists { leaders: t.partitions().iter().all(|p| p.leader() >= 0) },
+                Some(t) => TopicSeen::Exists {
+                    leaders: t.partitions().iter().all(|p| p.leader() >= 0),
+                    partitions: i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+                },
             })
         },
         interrupts,
