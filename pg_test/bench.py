@@ -493,7 +493,7 @@ def emit_cost(pg):
     """Producer-side cost: the same transaction with outbox_emit() vs an
     INSERT into an outbox table (the relay off, so only the write is measured)."""
     with pg.connect() as c:
-        c.execute("CREATE TABLE IF NOT EXISTS outbox_plain (LIKE outbox INCLUDING DEFAULTS INCLUDING INDEXES)")
+        c.execute("CREATE TABLE IF NOT EXISTS outbox_plain (LIKE outbox.outbox INCLUDING DEFAULTS INCLUDING INDEXES)")
     emit = emit_script("bench.cost", 1)
     insert = f"""\\set aid random(1, 100000)
 BEGIN;

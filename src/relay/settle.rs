@@ -130,12 +130,13 @@ impl Relay {
     }
 
     /// Deletes the outbox-table rows whose events are settled. The table is
-    /// found by extension membership in the deleting transaction itself, not
-    /// cached: `ALTER EXTENSION outbox UPDATE` from 0.1.0 moves it from the
-    /// extension's schema into schema `outbox` while the relay runs. It is
+    /// found by extension membership once, then by its OID: `ALTER
+    /// EXTENSION outbox UPDATE` from 0.1.0 moves it from the extension's
+    /// schema into schema `outbox` (same OID) while the relay runs. It is
     /// locked by OID before its name is read, so an update in progress is
     /// waited for and the name is the one after it; a table gone (the
-    /// extension dropped) leaves nothing to delete.
+    /// extension dropped) leaves nothing to delete. (Each batch used to
+    /// look both up with SQL: two more statements per delete transaction.)
     fn delete_published_rows(&mut self, ids: &[[u8; 16]], rows: &[AdoptedRow]) {
         let mut adopted: Vec<(&str, &str, Vec<&str>)> = Vec::new();
         for r in rows {
@@ -153,18 +154,34 @@ impl Relay {
         for chunk in ids.chunks(1000) {
             let list: Vec<String> = chunk.iter().map(outbox_core::format_uuid).collect();
             let list = list.join(",");
-            BackgroundWorker::transaction(|| -> Result<(), pgrx::spi::Error> {
-                let Some(oid) = Spi::get_one::<pg_sys::Oid>(OWN_TABLE_OID)? else { return Ok(()) };
-                // SAFETY: LockRelationOid takes a lock in this transaction
-                // (released at its end, as a DELETE's own would be) and
-                // raises only through pgrx's guarded binding; an OID whose
-                // relation is gone by then is locked harmlessly.
-                unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-                let args: [pgrx::datum::DatumWithOid; 1] = [oid.into()];
-                let Some(table) = Spi::get_one_with_args::<String>(TABLE_NAME, &args)? else { return Ok(()) };
-                Spi::run(&format!(
-                    "DELETE FROM {table} WHERE id OPERATOR(pg_catalog.=) ANY ('{{{list}}}'::pg_catalog.uuid[])"
-                ))
+            let known = self.own_table;
+            self.own_table = BackgroundWorker::transaction(move || -> Result<Option<pg_sys::Oid>, pgrx::spi::Error> {
+                // The table's OID is kept between batches (the update moves
+                // the table, same OID); its name is read after the lock,
+                // from the catalog caches the lock has brought up to date.
+                // An OID that names nothing any more (the extension dropped,
+                // maybe made again) is looked up afresh, once.
+                for fresh in [false, true] {
+                    let oid = match known {
+                        Some(oid) if !fresh => oid,
+                        _ => match Spi::get_one::<pg_sys::Oid>(OWN_TABLE_OID)? {
+                            Some(oid) => oid,
+                            None => return Ok(None),
+                        },
+                    };
+                    // SAFETY: LockRelationOid takes a lock in this transaction
+                    // (released at its end, as a DELETE's own would be) and
+                    // raises only through pgrx's guarded binding; an OID whose
+                    // relation is gone by then is locked harmlessly.
+                    unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+                    // SAFETY: syscache lookups by OID in a transaction.
+                    let Some(table) = (unsafe { qualified_name(oid) }) else { continue };
+                    Spi::run(&format!(
+                        "DELETE FROM {table} WHERE id OPERATOR(pg_catalog.=) ANY ('{{{list}}}'::pg_catalog.uuid[])"
+                    ))?;
+                    return Ok(Some(oid));
+                }
+                Ok(None)
             })
             .unwrap_or_else(|e| error!("outbox relay: could not delete published outbox rows: {e}"));
         }
@@ -231,10 +248,28 @@ const OWN_TABLE_OID: &str = "SELECT (SELECT c.oid
         AND c.relkind OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\")";
 
 /// A table's name, schema-qualified and quoted, by OID; NULL when it is gone.
-const TABLE_NAME: &str = "SELECT (SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
-       FROM pg_catalog.pg_class c
-       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-      WHERE c.oid OPERATOR(pg_catalog.=) $1)";
+/// A relation's schema-qualified, quoted name from the catalog caches; None
+/// when the OID names no relation.
+///
+/// # Safety
+/// In a transaction (syscache lookups).
+unsafe fn qualified_name(oid: pg_sys::Oid) -> Option<String> {
+    // SAFETY: get_rel_name and get_namespace_name return palloc'd copies or
+    // NULL; quote_identifier returns its argument or a palloc'd copy; all
+    // are read before the transaction ends.
+    unsafe {
+        let rel = pg_sys::get_rel_name(oid);
+        if rel.is_null() {
+            return None;
+        }
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
+        if nsp.is_null() {
+            return None;
+        }
+        let q = |p: *const std::ffi::c_char| std::ffi::CStr::from_ptr(pg_sys::quote_identifier(p)).to_string_lossy().into_owned();
+        Some(format!("{}.{}", q(nsp), q(rel)))
+    }
+}
 
 /// Logs each crossing of the WAL guard's fractions once.
 pub fn watch_wal(watch: &mut wal_guard::Watch, retained: u64) {
