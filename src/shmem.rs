@@ -443,3 +443,57 @@ pub fn wait_latch(timeout_ms: i64) {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
 }
+
+/// A wait on this process's latch and on one more file descriptor (a
+/// sink's wake-up pipe, readable when it has reports), built once for the
+/// worker's life: `WaitLatchOrSocket` would build and free an epoll set on
+/// every call.
+pub struct LatchOrFd {
+    set: *mut pg_sys::WaitEventSet,
+    fd: i32,
+}
+
+impl LatchOrFd {
+    /// `fd` must stay open for as long as this is used.
+    pub fn new(fd: i32) -> Self {
+        // SAFETY: a set of three events allocated in TopMemoryContext (PG15
+        // and 16 take the context; 17 and later allocate there when given no
+        // resource owner), never freed: one per worker process. The latch is
+        // this process's own; WL_EXIT_ON_PM_DEATH makes the wait exit the
+        // process when the postmaster dies, as wait_latch does.
+        unsafe {
+            #[cfg(any(feature = "pg15", feature = "pg16"))]
+            let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+            #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+            let set = pg_sys::CreateWaitEventSet(std::ptr::null_mut(), 3);
+            let none = std::ptr::null_mut();
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_LATCH_SET, pg_sys::PGINVALID_SOCKET, pg_sys::MyLatch, none);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_EXIT_ON_PM_DEATH, pg_sys::PGINVALID_SOCKET, std::ptr::null_mut(), none);
+            pg_sys::AddWaitEventToSet(set, pg_sys::WL_SOCKET_READABLE, fd, std::ptr::null_mut(), none);
+            LatchOrFd { set, fd }
+        }
+    }
+
+    /// Waits for the latch, the descriptor or `timeout_ms`, then resets
+    /// the latch and empties the descriptor (a pipe in non-blocking mode).
+    pub fn wait(&self, timeout_ms: i64) {
+        // SAFETY: the set was built in new() and lives as long as the
+        // process; `events` has room for the three it may report; the
+        // descriptor is open (see new) and read into a local buffer.
+        unsafe {
+            let mut events = [pg_sys::WaitEvent::default(); 3];
+            let n = pg_sys::WaitEventSetWait(
+                self.set,
+                timeout_ms as std::ffi::c_long,
+                events.as_mut_ptr(),
+                3,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+            if events.iter().take(n.max(0) as usize).any(|e| e.events & pg_sys::WL_SOCKET_READABLE != 0) {
+                let mut buf = [0u8; 64];
+                while libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+            }
+        }
+    }
+}

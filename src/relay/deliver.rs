@@ -323,7 +323,11 @@ impl Deliver {
                 shared.set_broker_up(false);
                 state::feed(
                     Input::SinkUnreachable,
-                    Some("the sink's local queue is full and nothing is acknowledged; waiting, nothing is skipped"),
+                    Some(
+                        "the sink takes no more events until it acknowledges some (its local queue is full, or the \
+                         first event of a new producer to a partition is unacknowledged) and nothing is acknowledged; \
+                         waiting, nothing is skipped",
+                    ),
                 );
             }
             pg_sys::check_for_interrupts!();

@@ -51,7 +51,8 @@ use exit::SinkHandle;
 /// COMMIT PREPARED (committed by a backend that wrote no event) and keeps
 /// the slot advancing on a database with no outbox traffic.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
-/// While events are in flight, reports are polled this often.
+/// While events are in flight, reports are polled this often, unless the
+/// sink wakes the worker when it has them (Kafka).
 const BUSY_WAIT: Duration = Duration::from_millis(1);
 
 pub fn register() {
@@ -106,6 +107,11 @@ pub(crate) struct Relay {
     last_rss: Option<Instant>,
     extension_schema: Option<String>,
     wal_watch: wal_guard::Watch,
+    /// The extension's table, by OID, for deleting published rows (see
+    /// settle::delete_published_rows).
+    own_table: Option<pg_sys::Oid>,
+    /// The latch and the sink's wake-up descriptor, when it has one.
+    waiter: Option<shmem::LatchOrFd>,
 }
 
 /// The sink `outbox.sink` names. A RabbitMQ server that cannot be reached
@@ -176,6 +182,7 @@ impl Relay {
         let mut deliver = Box::new(Deliver::new(SinkHandle::new(build_sink(shared, one_per_request)), shared, one_per_request));
         deliver.sink.register();
         let ctx = decode::open(slot, &mut deliver);
+        let waiter = deliver.sink.get().wake_fd().map(shmem::LatchOrFd::new);
         // SAFETY: MyReplicationSlot is ours now.
         let confirmed = unsafe { (*pg_sys::MyReplicationSlot).data.confirmed_flush };
         shared.set_confirmed(confirmed);
@@ -191,6 +198,8 @@ impl Relay {
             last_rss: None,
             extension_schema: None,
             wal_watch: wal_guard::Watch::default(),
+            own_table: None,
+            waiter,
         };
         relay.deliver.dead_known = relay.dead_letters_since(confirmed);
         log!(
@@ -220,8 +229,14 @@ impl Relay {
             }
             self.deliver.apply_reports(Duration::ZERO);
             self.settle();
-            let wait = if self.deliver.ledger.in_flight() > 0 { BUSY_WAIT } else { IDLE_WAIT };
-            shmem::wait_latch(wait.as_millis() as i64);
+            match &self.waiter {
+                // Woken by a commit (the latch) or by reports (the sink).
+                Some(w) => w.wait(IDLE_WAIT.as_millis() as i64),
+                None => {
+                    let wait = if self.deliver.ledger.in_flight() > 0 { BUSY_WAIT } else { IDLE_WAIT };
+                    shmem::wait_latch(wait.as_millis() as i64);
+                }
+            }
         }
     }
 

@@ -171,8 +171,52 @@ pub struct KafkaSink {
     /// The user configured compression: a record's size on the wire is
     /// then not known beforehand.
     compressed: bool,
+    /// librdkafka writes a byte here when reports arrive (after `producer`,
+    /// so it is closed after the producer is destroyed).
+    wake: Option<WakePipe>,
 }
 
+/// A non-blocking pipe librdkafka writes to when its main queue (delivery
+/// reports, errors) goes from served to not empty.
+struct WakePipe {
+    read: i32,
+    write: i32,
+}
+
+impl WakePipe {
+    fn attach(producer: &BaseProducer<Ctx>) -> Option<WakePipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 fills `fds`; the queue handle from
+        // rd_kafka_queue_get_main is released after the io event is set on
+        // the queue itself (rd_kafka_q_t, alive as long as the client); the
+        // payload is copied by librdkafka.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+                return None;
+            }
+            let q = rdkafka::bindings::rd_kafka_queue_get_main(producer.client().native_ptr());
+            if q.is_null() {
+                libc::close(fds[0]);
+                libc::close(fds[1]);
+                return None;
+            }
+            rdkafka::bindings::rd_kafka_queue_io_event_enable(q, fds[1], b"r".as_ptr().cast(), 1);
+            rdkafka::bindings::rd_kafka_queue_destroy(q);
+        }
+        Some(WakePipe { read: fds[0], write: fds[1] })
+    }
+}
+
+impl Drop for WakePipe {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptors, closed once; the producer that wrote
+        // to `write` is destroyed before (field order in KafkaSink).
+        unsafe {
+            libc::close(self.read);
+            libc::close(self.write);
+        }
+    }
+}
 
 impl KafkaSink {
     pub fn new(
@@ -225,7 +269,8 @@ impl KafkaSink {
         let compressed = user
             .iter()
             .any(|(k, v)| outbox_core::kafka_props::canonical(k) == "compression.codec" && !v.eq_ignore_ascii_case("none"));
-        Ok((KafkaSink { producer, config, admin: None, known_topics: HashMap::new(), compressed }, ignored))
+        let wake = WakePipe::attach(&producer);
+        Ok((KafkaSink { producer, config, admin: None, known_topics: HashMap::new(), compressed, wake }, ignored))
     }
 
     /// Makes sure `topic` exists, creating it when creation is on, and
@@ -611,5 +656,9 @@ impl Sink for KafkaSink {
 
     fn close(self: Box<Self>, limit: Duration) -> Option<Duration> {
         (*self).close_within(limit)
+    }
+
+    fn wake_fd(&self) -> Option<i32> {
+        self.wake.as_ref().map(|w| w.read)
     }
 }

@@ -154,6 +154,13 @@ pub trait Sink {
     /// Ends the sink's threads, waiting at most `limit`; how long it took,
     /// or None if it did not finish in time.
     fn close(self: Box<Self>, limit: Duration) -> Option<Duration>;
+
+    /// A descriptor that becomes readable when reports wait to be polled,
+    /// open as long as the sink: the worker sleeps on it instead of polling
+    /// every millisecond. None: the worker polls.
+    fn wake_fd(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// Threads a sink starts inherit the creating thread's signal mask;
