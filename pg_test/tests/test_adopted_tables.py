@@ -300,6 +300,51 @@ def test_published_rows_are_deleted_as_the_tables_owner_when_asked(app, broker):
             c.execute("DROP ROLE outbox_app_owner")
 
 
+def test_an_owners_trigger_cannot_take_the_relays_rights_back_during_the_delete(app, broker):
+    """The owner's trigger on the adopted table runs RESET ROLE and makes
+    its owner superuser. The relay deletes as the owner, but from a
+    superuser's session: a bare SET ROLE let the trigger reset to the
+    superuser and succeed. The delete now runs in a security-restricted
+    operation: the trigger's RESET ROLE is refused, the delete is rolled
+    back and logged, the owner stays an ordinary role, and the relay (same
+    process) goes on publishing."""
+    prefix = f"esc{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("DROP ROLE IF EXISTS outbox_app_owner")
+        c.execute("CREATE ROLE outbox_app_owner")
+        c.execute("GRANT CREATE, USAGE ON SCHEMA app TO outbox_app_owner")
+        c.execute("SET ROLE outbox_app_owner")
+        c.execute("CREATE TABLE app.events (id bigint PRIMARY KEY, aggregatetype text, aggregateid text, payload jsonb)")
+        c.execute("""CREATE FUNCTION app.grab() RETURNS trigger LANGUAGE plpgsql AS $$
+                     BEGIN RESET ROLE; ALTER ROLE outbox_app_owner SUPERUSER; RETURN OLD; END $$""")
+        c.execute("CREATE TRIGGER grab BEFORE DELETE ON app.events FOR EACH ROW EXECUTE FUNCTION app.grab()")
+        c.execute("RESET ROLE")
+    try:
+        adopt(app, "app.events", f"route.topic.replacement={prefix}.${{routedByValue}}; delete.published.rows=true")
+        pid = rig.relay_pid(app)
+        with app.connect() as c:
+            c.execute("INSERT INTO app.events VALUES (1, 'Order', 'k', '{\"n\": 1}')")
+        rig.drain(app)
+        rig.wait_for("the refused delete in the log",
+                     lambda: "published rows of app.events are not deleted" in app.log_text(), timeout=30)
+        with app.connect() as c:
+            c.execute("INSERT INTO app.events VALUES (2, 'Order', 'k', '{\"n\": 2}')")
+        rig.drain(app)
+        got = broker.consume(f"{prefix}.Order", expect=2, timeout=30, linger=0.5)
+        assert [json.loads(m["value"])["n"] for m in got] == [1, 2]
+        with app.connect() as c:
+            assert c.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'outbox_app_owner'").fetchone()[0] is False
+            assert c.execute("SELECT count(*) FROM app.events").fetchone()[0] == 2, "the refused deletes were rolled back"
+        assert rig.relay_pid(app) == pid, "the relay was not restarted by the failed delete"
+        assert 'cannot set parameter "role"' in app.log_text()
+    finally:
+        adopt(app, None, None)
+        with app.connect() as c:
+            c.execute("DROP SCHEMA app CASCADE")
+            c.execute("CREATE SCHEMA app")
+            c.execute("DROP ROLE outbox_app_owner")
+
+
 def test_a_users_table_named_outbox_is_adopted_beside_the_extensions(app, broker):
     """The most common name of a Debezium outbox table is outbox: the
     application's public.outbox is adopted, and the extension's own

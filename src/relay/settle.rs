@@ -189,30 +189,87 @@ impl Relay {
 }
 
 /// Deletes published rows of an adopted table (`delete.published.rows`) by
-/// their id column, as the table's owner: its triggers and the id type's
-/// equality run with the owner's rights, never the relay's. A failure (the
-/// table or column renamed or dropped since) leaves the rows and says so:
-/// the rows are the application's, and their events are already settled.
+/// their id column, as the table's owner in a security-restricted
+/// operation (as PostgreSQL's own maintenance commands run a table's code):
+/// its triggers, rules, policies and the id type's functions run with the
+/// owner's rights and cannot take the relay's back (RESET ROLE, SET ROLE
+/// and SET SESSION AUTHORIZATION are refused there). A failure (an owner's
+/// trigger raising, a foreign key, the table or column renamed or dropped
+/// since) is rolled back in a subtransaction and logged: the rows are the
+/// application's, and their events are already settled.
 fn delete_adopted_rows(table: &str, column: &str, ids: &[&str]) {
     for chunk in ids.chunks(1000) {
         let list: Vec<String> = chunk.iter().map(|s| (*s).to_owned()).collect();
-        let r = BackgroundWorker::transaction(|| -> Result<(), pgrx::spi::Error> {
-            let args: [pgrx::datum::DatumWithOid; 2] = [table.into(), column.into()];
-            let (Some(owner), Some(delete)) = Spi::get_two_with_args::<String, String>(ADOPTED_DELETE, &args)? else {
-                warning!(
-                    "outbox relay: published rows of {table} are not deleted: the table or its column \"{column}\" \
-                     is gone (delete.published.rows)"
-                );
-                return Ok(());
-            };
-            let role: [pgrx::datum::DatumWithOid; 1] = [owner.as_str().into()];
-            Spi::run_with_args("SELECT pg_catalog.set_config('role', $1, true)", &role)?;
-            let ids: [pgrx::datum::DatumWithOid; 1] = [list.clone().into()];
-            Spi::run_with_args(&delete, &ids)
+        let r = BackgroundWorker::transaction(|| {
+            in_subtransaction(|| -> Result<(), String> {
+                let args: [pgrx::datum::DatumWithOid; 2] = [table.into(), column.into()];
+                let (Some(owner), Some(delete)) =
+                    Spi::get_two_with_args::<pg_sys::Oid, String>(ADOPTED_DELETE, &args).map_err(|e| e.to_string())?
+                else {
+                    return Err(format!("the table or its column \"{column}\" is gone"));
+                };
+                let ids: [pgrx::datum::DatumWithOid; 1] = [list.clone().into()];
+                as_restricted(owner, || Spi::run_with_args(&delete, &ids)).map_err(|e| e.to_string())
+            })
         });
         if let Err(e) = r {
-            warning!("outbox relay: could not delete published rows of {table} (delete.published.rows): {e}");
+            warning!("outbox relay: published rows of {table} are not deleted (delete.published.rows): {e}");
         }
+    }
+}
+
+/// Runs `f` with `owner` as the current user, in a security-restricted
+/// operation, then restores the worker's user and context. An ERROR in `f`
+/// unwinds past the restore; the (sub)transaction's abort restores both.
+fn as_restricted<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let mut user = pg_sys::InvalidOid;
+    let mut context = 0;
+    // SAFETY: plain reads and writes of the backend's current user id and
+    // security context, as ExecuteTruncate and vacuum do around a table's
+    // code; `owner` is a role OID read from pg_class in this transaction.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32,
+        );
+    }
+    let r = f();
+    // SAFETY: restores what was read above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    r
+}
+
+/// Runs `f` in a subtransaction: a PostgreSQL ERROR raised in it is rolled
+/// back (as PL/pgSQL's EXCEPTION blocks do) and returned as its message,
+/// instead of ending the worker; an `Err` from `f` is rolled back too.
+fn in_subtransaction(f: impl FnOnce() -> Result<(), String> + std::panic::UnwindSafe) -> Result<(), String> {
+    // SAFETY: the subtransaction is begun and ended here, in the same
+    // transaction; the memory context and resource owner of the caller are
+    // restored on both paths, as PL/pgSQL does around its exception blocks.
+    // pgrx's guard has copied and flushed the error state by the time the
+    // catch runs.
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        let r = PgTryBuilder::new(f)
+            .catch_others(|e| match e {
+                pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    Err(r.message().to_owned())
+                }
+                pgrx::pg_sys::panic::CaughtError::RustPanic { ereport, .. } => Err(ereport.message().to_owned()),
+            })
+            .execute();
+        pg_sys::MemoryContextSwitchTo(context);
+        if r.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        r
     }
 }
 
@@ -223,7 +280,7 @@ fn delete_adopted_rows(table: &str, column: &str, ids: &[&str]) {
 /// and type names are printed qualified (the worker's search_path is
 /// pg_catalog alone).
 const ADOPTED_DELETE: &str = "SELECT x.owner, x.del FROM (SELECT) AS one LEFT JOIN LATERAL (
-  SELECT pg_catalog.pg_get_userbyid(c.relowner)::pg_catalog.text AS owner,
+  SELECT c.relowner AS owner,
          pg_catalog.format('DELETE FROM %s WHERE %I OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[]::%s[])',
                            c.oid::pg_catalog.regclass, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)) AS del
     FROM pg_catalog.pg_class c
