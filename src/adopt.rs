@@ -120,7 +120,9 @@ unsafe fn classify(typid: pg_sys::Oid) -> ColumnType {
     unsafe {
         let base = pg_sys::getBaseType(typid);
         match base {
-            pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID | pg_sys::NAMEOID => ColumnType::Text,
+            // Not `name`: a fixed 64-byte type with no length header, read
+            // through its output function (OtherBuiltin) like other types.
+            pg_sys::TEXTOID | pg_sys::VARCHAROID | pg_sys::BPCHAROID => ColumnType::Text,
             pg_sys::JSONOID => ColumnType::Json,
             pg_sys::JSONBOID => ColumnType::Jsonb,
             pg_sys::BYTEAOID => ColumnType::Bytea,
