@@ -74,16 +74,25 @@ pub fn parse(tables: &str, options: &str) -> Result<(Vec<TableName>, Mapping), S
     Ok((tables, mapping))
 }
 
-/// Checks `tables` under `options` against the catalog, when there is one
-/// to read (a transaction in `outbox.database`); outside one (a configuration
-/// file being read) only the syntax is checked here, and the output plugin
-/// checks each row's table as it decodes.
+/// Checks `tables` under `options` against the catalog when a statement
+/// sets them (ALTER SYSTEM run in `outbox.database`); otherwise (the
+/// configuration file read at start or reload, in any process, a session
+/// idle in a transaction included, or a parallel worker taking over its
+/// leader's settings) only the syntax is checked here: opening the tables
+/// there would lock them in sessions that never asked, and fail parallel
+/// queries once a table no longer fits. The output plugin checks each
+/// row's table as it decodes.
 fn check(tables: &str, options: &str) -> Result<(), String> {
     let (tables, mapping) = parse(tables, options)?;
-    // SAFETY: reading two backend globals; get_database_name is a syscache
+    // SAFETY: reading backend globals; get_database_name is a syscache
     // lookup, made only in a transaction, returning a palloc'd copy or NULL.
     let in_outbox_db = unsafe {
-        pg_sys::IsTransactionState() && pg_sys::MyDatabaseId != pg_sys::InvalidOid && {
+        pg_sys::IsTransactionState()
+            && !pg_sys::ActivePortal.is_null()
+            && !pg_sys::InitializingParallelWorker
+            && pg_sys::ParallelWorkerNumber < 0
+            && pg_sys::MyDatabaseId != pg_sys::InvalidOid
+            && {
             let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
             !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == super::database().as_bytes()
         }
