@@ -83,7 +83,7 @@ impl Letter {
             // The router's headers, kept as they are; the id as decoding
             // derives it (outbox_core::adopt::row_event).
             let text = r.headers.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()).unwrap_or_default();
-            let id = uuid::Uuid::parse_str(text).map(|u| *u.as_bytes()).unwrap_or_else(|_| outbox_core::adopt::derived_id(destination, text));
+            let id = outbox_core::adopt::id_of_text(destination, text);
             return Letter {
                 id: outbox_core::format_uuid(&id),
                 aggregate_type: String::new(),

@@ -321,6 +321,35 @@ pub fn derived_id(scope: &str, id_text: &str) -> [u8; 16] {
     id
 }
 
+/// The 16-byte id of an adopted row from its id's text: the UUID itself
+/// when the text is one in the canonical form (a `uuid` column, or a text
+/// column holding `UUID.toString()`), else [`derived_id`]. Decoding and a
+/// sink's delivery report (which has only the `id` header's text) both use
+/// this, so a row dead-lettered from a report is known again by the id
+/// decoding gives it after a restart.
+pub fn id_of_text(scope: &str, id_text: &str) -> [u8; 16] {
+    parse_canonical_uuid(id_text).unwrap_or_else(|| derived_id(scope, id_text))
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex, either case), as
+/// PostgreSQL's uuid output and Java's `UUID.toString()` write it.
+fn parse_canonical_uuid(t: &str) -> Option<[u8; 16]> {
+    let b = t.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let hex: Vec<u8> = b.iter().copied().filter(|&c| c != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let d = |c: u8| (c as char).to_digit(16);
+        out[i] = (d(pair[0])? * 16 + d(pair[1])?) as u8;
+    }
+    Some(out)
+}
+
 /// Builds the message for one row. `get` gives a column's value; `at` names
 /// the row (its LSN) for an id when the id column is NULL.
 pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(Col) -> Value) -> RowEvent {
@@ -334,7 +363,7 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
     let scope = topic.as_deref().unwrap_or(table);
     let id = match (&idv, &id_text) {
         (Value::Uuid(u), _) => *u,
-        (_, Some(t)) => derived_id(scope, t),
+        (_, Some(t)) => id_of_text(scope, t),
         (_, None) => derived_id(table, &format!("NULL at {at}")),
     };
     let payload = match get(plan.payload) {
@@ -607,6 +636,12 @@ mod tests {
 
     #[test]
     fn ids_that_are_not_uuids_get_a_stable_derived_one() {
+        let u = "01a20c64-9aff-74f6-99bc-976099350492";
+        assert_eq!(crate::format_uuid(&id_of_text("t", u)), u, "a text id holding a UUID is that UUID");
+        assert_eq!(id_of_text("t", &u.to_uppercase()), id_of_text("t", u));
+        assert_eq!(id_of_text("t", "7"), derived_id("t", "7"));
+        assert_eq!(id_of_text("t", "01a20c64-9aff-74f6-99bc-97609935049g"), derived_id("t", "01a20c64-9aff-74f6-99bc-97609935049g"));
+        assert_eq!(id_of_text("t", "01a20c649aff74f699bc976099350492"), derived_id("t", "01a20c649aff74f699bc976099350492"));
         let a = derived_id("public.t", "7");
         assert_eq!(a, derived_id("public.t", "7"));
         assert_ne!(a, derived_id("public.u", "7"));
