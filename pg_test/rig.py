@@ -328,7 +328,7 @@ class BrokerClient:
         key, value, headers, partition, offset, timestamp.
         Counting alone is not enough: with duplicates, `expect` records can
         arrive before a slower partition's last one has."""
-        from confluent_kafka import Consumer, KafkaError, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
         c = Consumer({
             "bootstrap.servers": self.bootstrap,
@@ -336,12 +336,23 @@ class BrokerClient:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
         })
-        c.subscribe([topic])
         out: list[dict] = []
         ends: dict[int, tuple[int, int]] | None = None  # partition -> watermarks once `expect` arrived
         read_to: dict[int, int] = {}  # partition -> next offset to read
         deadline = time.monotonic() + timeout
         try:
+            # Every partition assigned from its beginning, no consumer group:
+            # a group's first join on a fresh broker waits for the offsets
+            # topic to be made (seen: a first test's second topic read
+            # nothing within 30 s).
+            while True:
+                md = c.list_topics(topic, timeout=5).topics.get(topic)
+                if md is not None and md.error is None and md.partitions:
+                    break
+                if time.monotonic() >= deadline:
+                    return out
+                time.sleep(0.2)
+            c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in md.partitions])
             while time.monotonic() < deadline:
                 if len(out) >= expect:
                     if ends is None:

@@ -12,22 +12,69 @@ use pgrx::pg_sys;
 use outbox_core::adopt::{self, Col, ColumnType, Plan, TableName, Value};
 use outbox_core::router::Mapping;
 
-/// Checks that `t` exists, is a plain table, and fits `m`. In a transaction.
-pub fn check_table(t: &TableName, m: &Mapping) -> Result<(), String> {
-    let (schema, name) = (CString::new(t.schema.as_str()), CString::new(t.name.as_str()));
-    let (Ok(schema), Ok(name)) = (schema, name) else {
-        return Err(format!("table {t} does not exist"));
-    };
-    // SAFETY: catalog lookups by name (missing_ok: no ERROR for a missing
-    // one) in the caller's transaction; the relation is opened with
-    // AccessShareLock (try_relation_open returns NULL when it is gone) and
-    // closed with the same lock before returning.
+/// What does not fit the catalog in `outbox.tables` under
+/// `outbox.table_options` (raw values): one line per table, empty when all
+/// is well. In a transaction, in `outbox.database`.
+pub fn problems(tables: &str, options: &str) -> Vec<String> {
+    match crate::settings::tables::parse(tables, options) {
+        Err(e) => vec![e],
+        Ok((tables, mapping)) => tables.iter().filter_map(|t| check_table(t, &mapping).err()).collect(),
+    }
+}
+
+/// The relation `t` names, if any. In a transaction.
+fn relid_of(t: &TableName) -> Option<pg_sys::Oid> {
+    let (schema, name) = (CString::new(t.schema.as_str()).ok()?, CString::new(t.name.as_str()).ok()?);
+    // SAFETY: catalog lookups by name, missing_ok (no ERROR for a missing
+    // schema), in the caller's transaction.
     unsafe {
         let ns = pg_sys::get_namespace_oid(schema.as_ptr(), true);
         let relid = if ns == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(name.as_ptr(), ns) };
-        if relid == pg_sys::InvalidOid {
+        (relid != pg_sys::InvalidOid).then_some(relid)
+    }
+}
+
+/// Whether the current user may have `t` adopted: ALTER SYSTEM on
+/// `outbox.tables` and `outbox.table_options` can be granted to a role
+/// that is not superuser (GRANT ALTER SYSTEM ON PARAMETER), and the relay
+/// reads and publishes a table's rows, and with `delete.published.rows`
+/// deletes them, with rights of its own. Such a role needs SELECT on the
+/// table, and DELETE when rows are deleted: it gains nothing it did not
+/// hold. In a transaction; `t` exists (see [`check_table`]).
+pub fn check_rights(t: &TableName, m: &Mapping) -> Result<(), String> {
+    let Some(relid) = relid_of(t) else {
+        return Err(format!("table {t} does not exist"));
+    };
+    // SAFETY: an ACL check of an existing relation for the current user, in
+    // a transaction; it raises only for a relation gone meanwhile (an
+    // ERROR, not memory unsafety).
+    let allowed = |mode: u32| unsafe {
+        pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), mode as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
+    };
+    if !allowed(pg_sys::ACL_SELECT) {
+        return Err(format!(
+            "permission denied for table {t}: publishing its rows needs SELECT on it (the relay reads them with rights \
+             of its own)"
+        ));
+    }
+    if m.delete_published_rows && !allowed(pg_sys::ACL_DELETE) {
+        return Err(format!(
+            "permission denied for table {t}: delete.published.rows needs DELETE on it (the relay deletes as the \
+             table's owner)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `t` exists, is a plain table, and fits `m`. In a transaction.
+pub fn check_table(t: &TableName, m: &Mapping) -> Result<(), String> {
+    // SAFETY: in the caller's transaction; the relation is opened with
+    // AccessShareLock (try_relation_open returns NULL when it is gone) and
+    // closed with the same lock before returning.
+    unsafe {
+        let Some(relid) = relid_of(t) else {
             return Err(format!("table {t} does not exist"));
-        }
+        };
         let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         if rel.is_null() {
             return Err(format!("table {t} does not exist"));

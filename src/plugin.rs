@@ -12,6 +12,7 @@
 //! Options: `format` = `json` (default, text) or `binary` (what the relay
 //! reads).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
 
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use outbox_core::adopt::{self as core_adopt, Plan, TableName};
 use outbox_core::decoded::{self, DecodedEvent, DecodedRow, Source};
 use outbox_core::router::{Mapping, OnUpdate};
+use outbox_core::rate_limit::RateLimit;
 use outbox_core::{lsn, message, Event, MESSAGE_PREFIX};
 
 use crate::{adopt, key, row, settings};
@@ -263,22 +265,28 @@ unsafe extern "C-unwind" fn message_cb(
 /// with pg_logical_emit_message()): skipped, counted in the relay's status,
 /// and logged at most once a minute per process so it cannot flood the log.
 fn not_an_event(at: pg_sys::XLogRecPtr, why: &str) {
-    thread_local! {
-        static LIMIT: std::cell::RefCell<outbox_core::rate_limit::RateLimit> =
-            const { std::cell::RefCell::new(outbox_core::rate_limit::RateLimit::new(60_000)) };
-    }
+    thread_local! { static LIMIT: RefCell<RateLimit> = const { RefCell::new(RateLimit::new(60_000)) }; }
     if let Some(s) = crate::shmem::shared().filter(|s| s.is_worker()) {
         s.add_forged();
     }
-    // SAFETY: GetCurrentTimestamp only reads the clock.
-    let now_ms = (unsafe { pg_sys::GetCurrentTimestamp() } / 1000).max(0) as u64;
-    if let Some(unsaid) = LIMIT.with(|l| l.borrow_mut().note(now_ms)) {
-        let more = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+    once_a_minute(&LIMIT, |more| {
         warning!(
             "outbox: skipping a message with prefix \"{MESSAGE_PREFIX}\" at LSN {} that is not an outbox event: {why}{more}; \
              such messages are counted in outbox_status.forged_messages and logged at most once a minute",
             lsn::format(at)
-        );
+        )
+    });
+}
+
+/// Calls `say` with the " (N more since the last such line)" suffix when
+/// `limit` lets a line through now (each kind of line has its own limit,
+/// once a minute per process).
+fn once_a_minute(limit: &'static std::thread::LocalKey<RefCell<RateLimit>>, say: impl FnOnce(&str)) {
+    // SAFETY: GetCurrentTimestamp only reads the clock.
+    let now_ms = (unsafe { pg_sys::GetCurrentTimestamp() } / 1000).max(0) as u64;
+    if let Some(unsaid) = limit.with(|l| l.borrow_mut().note(now_ms)) {
+        let more = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+        say(&more);
     }
 }
 
@@ -476,6 +484,12 @@ unsafe fn adopted_row(
             }
             Err(why) => unreadable_row(table, &at, why),
         };
+        if let Some(why) = &e.trace_dropped {
+            thread_local! { static LIMIT: RefCell<RateLimit> = const { RefCell::new(RateLimit::new(60_000)) }; }
+            once_a_minute(&LIMIT, |more| {
+                warning!("outbox: {why}; the event is published without a traceparent (logged at most once a minute{more})")
+            });
+        }
         let (xid, commit_lsn, commit_time) = commit_info(txn);
         emit_row(ctx, DecodedRow::of(&e, table, xid, commit_lsn, commit_time, (*change).lsn));
     }
@@ -497,6 +511,7 @@ fn unreadable_row(table: &str, at: &str, why: String) -> core_adopt::RowEvent {
         route_value: None,
         event_type: None,
         error: Some(format!("row of {table} at {at} cannot be read: {why}")),
+        trace_dropped: None,
         cleanup: None,
     }
 }
@@ -511,10 +526,7 @@ unsafe fn updated_adopted_row(
     change: *mut pg_sys::ReorderBufferChange,
     table: &str,
 ) {
-    thread_local! {
-        static LIMIT: std::cell::RefCell<outbox_core::rate_limit::RateLimit> =
-            const { std::cell::RefCell::new(outbox_core::rate_limit::RateLimit::new(60_000)) };
-    }
+    thread_local! { static LIMIT: RefCell<RateLimit> = const { RefCell::new(RateLimit::new(60_000)) }; }
     // SAFETY: the change's pointers, valid for this callback.
     unsafe {
         let at = lsn::format((*change).lsn);
@@ -525,13 +537,11 @@ unsafe fn updated_adopted_row(
             emit_row(ctx, DecodedRow::of(&e, table, xid, commit_lsn, commit_time, (*change).lsn));
             return;
         }
-        let now_ms = (pg_sys::GetCurrentTimestamp() / 1000).max(0) as u64;
-        if let Some(unsaid) = LIMIT.with(|l| l.borrow_mut().note(now_ms)) {
-            let more = if unsaid > 0 { format!(" ({unsaid} more since the last such line)") } else { String::new() };
+        once_a_minute(&LIMIT, |more| {
             warning!(
                 "outbox: ignoring an UPDATE of adopted table {table} at LSN {at}: only inserted rows are events \
                  (table.op.invalid.behavior); logged at most once a minute{more}"
-            );
-        }
+            )
+        });
     }
 }

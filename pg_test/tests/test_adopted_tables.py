@@ -54,8 +54,9 @@ def adopt(db, tables, table_options):
 
 def options(router: dict[str, str]) -> str:
     """The connector's router block as outbox.table_options: each line of
-    the .properties block becomes `line;`."""
-    return "".join(f"transforms.outbox.{k}={v}; " for k, v in router.items())
+    the .properties block becomes `line;`, Connect's own list of
+    transforms included."""
+    return "transforms=outbox; " + "".join(f"transforms.outbox.{k}={v}; " for k, v in router.items())
 
 
 def run_both(db, broker, dbz_broker, table, router, topics: dict[str, int], write, worker=None):
@@ -397,6 +398,8 @@ def test_rows_that_cannot_be_events_are_dead_lettered_with_the_reason(app, broke
     got = broker.consume(f"{topic_prefix}.Order", expect=2, timeout=30, linger=0.5)
     assert [(m["headers"], m["value"]) for m in got] == [
         ({"id": ids[2]}, b"plain text"), ({"id": ids[3], "traceparent": TP}, b"bare")]
+    assert 'the tracing column "tracingspancontext" holds no valid traceparent (invalid traceparent "nope"' in app.log_text(), \
+        "a dropped traceparent is said in the log"
     with app.connect() as c:
         dl = dead_letters(c)
         assert [d[0] for d in dl] == ids[:2]
@@ -446,8 +449,19 @@ def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
     # is checked there (the relay checks each row as it decodes).
     with app.connect(dbname="postgres") as c:
         assert "with its schema" in refused(c, tables="outboxevent")
-        c.execute("ALTER SYSTEM SET outbox.tables = 'app.nope'")
+        c.execute("ALTER SYSTEM SET outbox.tables = 'app.nope, app.untyped'")
+        c.execute("SELECT pg_reload_conf()")
+    # The relay checks what it could not: each problem a WARNING, the last
+    # one in the status.
+    untyped = 'table app.untyped has no column "aggregatetype" (the mapping\'s route.by.field)'
+    rig.wait_for("the relay to report the tables", lambda: untyped in (rig.relay_status(app)["last_error"] or ""), timeout=30)
+    log = app.log_text()
+    assert "outbox relay: outbox.tables does not fit the catalog: table app.nope does not exist; rows of a table" in log
+    assert f"outbox relay: outbox.tables does not fit the catalog: {untyped}; " in log
+    assert rig.relay_status(app)["state"] == "streaming"
+    with app.connect(dbname="postgres") as c:
         c.execute("ALTER SYSTEM RESET outbox.tables")
+        c.execute("SELECT pg_reload_conf()")
     adopt(app, "app.outboxevent", "")
     with app.connect() as c:
         assert refused(c, table_options="table.field.event.payload=body") == \
@@ -465,3 +479,53 @@ def test_bad_mappings_are_refused_when_set_naming_table_and_column(app):
         assert refused(c, tables="app.outboxevent, app.nopk") == \
             'table app.nopk: delete.published.rows deletes published rows by the id column "id", which must be the ' \
             "table's primary key (the table has none)"
+
+
+def test_a_delegated_role_adopts_only_tables_it_may_read_and_delete(app):
+    """ALTER SYSTEM on outbox.tables and outbox.table_options can be granted
+    to a role that is not superuser. The relay reads, publishes and (with
+    delete.published.rows) deletes rows with rights of its own, so such a
+    role may adopt only a table it may SELECT from, DELETE from when rows
+    are deleted, and only in outbox.database, where that is checked."""
+    with app.connect() as c:
+        c.execute("DROP ROLE IF EXISTS adopter")
+        c.execute("CREATE ROLE adopter LOGIN")
+        c.execute("GRANT ALTER SYSTEM ON PARAMETER outbox.tables, outbox.table_options TO adopter")
+        c.execute("CREATE TABLE app.secret (id uuid PRIMARY KEY, aggregatetype text, aggregateid text, payload jsonb)")
+    try:
+        with app.connect(user="adopter") as c:
+            assert refused(c, tables="app.secret") == \
+                "permission denied for table app.secret: publishing its rows needs SELECT on it (the relay reads them " \
+                "with rights of its own)"
+        with app.connect() as c:
+            c.execute("GRANT USAGE ON SCHEMA app TO adopter")
+            c.execute("GRANT SELECT ON app.secret TO adopter")
+        with app.connect(user="adopter") as c:
+            c.execute("ALTER SYSTEM SET outbox.tables = 'app.secret'")
+        with app.connect() as c:
+            c.execute("SELECT pg_reload_conf()")
+        # Each setting is checked against the other's value in force.
+        with app.connect(user="adopter") as c:
+            rig.wait_for("the reload", lambda: c.execute("SHOW outbox.tables").fetchone()[0] == "app.secret")
+            assert refused(c, table_options="delete.published.rows=true") == \
+                "permission denied for table app.secret: delete.published.rows needs DELETE on it (the relay deletes " \
+                "as the table's owner)"
+        with app.connect(dbname="postgres", user="adopter") as c:
+            assert refused(c, tables="app.secret") == \
+                'only a superuser can adopt tables from another database than outbox.database ("outbox_test"): set it ' \
+                "there, where the tables and your rights on them are checked"
+            assert "only a superuser" in refused(c, table_options="route.by.field=aggregatetype"), \
+                "nor change the mapping of tables adopted"
+        with app.connect() as c:
+            c.execute("GRANT DELETE ON app.secret TO adopter")
+        with app.connect(user="adopter") as c:
+            c.execute("ALTER SYSTEM SET outbox.table_options = 'delete.published.rows=true'")
+    finally:
+        with app.connect() as c:
+            c.execute("ALTER SYSTEM RESET outbox.tables")
+            c.execute("ALTER SYSTEM RESET outbox.table_options")
+            c.execute("SELECT pg_reload_conf()")
+            c.execute("DROP TABLE app.secret")
+            c.execute("REVOKE ALL ON SCHEMA app FROM adopter")
+            c.execute("REVOKE ALTER SYSTEM ON PARAMETER outbox.tables, outbox.table_options FROM adopter")
+            c.execute("DROP ROLE adopter")

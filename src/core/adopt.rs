@@ -220,8 +220,9 @@ pub fn plan(m: &Mapping, table: &str, lookup: impl Fn(&str) -> Option<(usize, Co
         headers: Vec::new(),
         envelope: Vec::new(),
         partition: None,
-        tracing: lookup(&m.tracing_column)
-            .is_some()
+        // The default column is read where a table has it; one named in
+        // the options must be there.
+        tracing: (m.tracing_named || lookup(&m.tracing_column).is_some())
             .then(|| typed("tracing.span.context.field", &m.tracing_column, &[Text], "text or varchar"))
             .transpose()?,
     };
@@ -301,6 +302,9 @@ pub struct RowEvent {
     pub event_type: Option<String>,
     /// Why the row cannot be published (it is dead-lettered or the relay stops).
     pub error: Option<String>,
+    /// Why the tracing column gave no `traceparent` although it held a
+    /// value: the row is published without one, and the shell logs this.
+    pub trace_dropped: Option<String>,
     /// With `delete.published.rows`: the id column to delete the
     /// row by once its event is settled; None when off or the id is NULL.
     pub cleanup: Option<String>,
@@ -384,6 +388,7 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
         route_value,
         event_type: plan.event_type.and_then(|c| get(c).text()),
         error: None,
+        trace_dropped: None,
         cleanup: (m.delete_published_rows && id_text.is_some()).then(|| m.id_column.clone()),
     };
     let mut errors = Vec::new();
@@ -398,10 +403,14 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
             e.headers.push((alias.clone(), v));
         }
     }
-    if let Some(text) = plan.tracing.and_then(|c| get(c).text()) {
-        let tp = crate::trace::traceparent_in_properties(&text).or(Some(text.trim()));
-        if let Some(tp) = tp.filter(|t| crate::trace::check_traceparent(t).is_ok()) {
-            e.headers.push(("traceparent".to_owned(), tp.to_owned()));
+    if let Some(text) = plan.tracing.and_then(|c| get(c).text()).filter(|t| !t.trim().is_empty()) {
+        let tp = crate::trace::traceparent_in_properties(&text).unwrap_or(text.trim());
+        match crate::trace::check_traceparent(tp) {
+            Ok(()) => e.headers.push(("traceparent".to_owned(), tp.to_owned())),
+            Err(why) => {
+                e.trace_dropped =
+                    Some(format!("row of {table} at {at}: the tracing column \"{}\" holds no valid traceparent ({why})", m.tracing_column))
+            }
         }
     }
     match topic {
@@ -421,7 +430,9 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
         }
     }
     let tombstone = m.tombstone_on_empty && router::is_tombstone(e.payload.as_deref(), plan.payload_kind == PayloadKind::Text);
-    if tombstone && plan.envelope.is_empty() {
+    // A tombstone whatever the placements, as the router: it sends one for
+    // an empty payload before it builds any envelope.
+    if tombstone {
         e.value = None;
     } else if e.payload.is_none() && plan.envelope.is_empty() {
         errors.push(format!(
@@ -560,6 +571,13 @@ mod tests {
         assert!(err(&[("table.field.event.timestamp", "type")]).contains("timestamp or timestamptz"));
         assert!(err(&[("table.field.event.key", "money")]).contains("user-defined output function"));
         assert!(err(&[("table.fields.additional.placement", "nope:header")]).contains("no column \"nope\""));
+        assert_eq!(
+            err(&[("tracing.span.context.field", "trace")]),
+            "table public.outboxevent has no column \"trace\" (the mapping's tracing.span.context.field)",
+            "a tracing column named in the options must exist"
+        );
+        let without_tracing = |name: &str| debezium_table(name).filter(|_| name != "tracingspancontext");
+        assert_eq!(plan(&mapping(&[]), "t", without_tracing).unwrap().tracing, None, "the default one is read where it is");
         let lenient = mapping(&[("table.fields.additional.placement", "nope:header"), ("table.field.additional.missing", "ignore")]);
         assert!(plan(&lenient, "t", debezium_table).unwrap().headers.is_empty());
     }
@@ -620,6 +638,15 @@ mod tests {
         let e = row_event(&m, &p, "t", "0/1", row(&v));
         assert_eq!((e.key, e.error), (None, None), "a NULL key is a null Kafka key");
         assert_eq!(e.headers.len(), 1, "an invalid traceparent is left out, the event still goes");
+        let dropped = e.trace_dropped.unwrap();
+        assert!(
+            dropped.starts_with("row of t at 0/1: the tracing column \"tracingspancontext\" holds no valid traceparent (invalid traceparent"),
+            "said, for the log: {dropped}"
+        );
+        v[5] = Value::Text(" ".into());
+        assert_eq!(row_event(&m, &p, "t", "0/1", row(&v)).trace_dropped, None, "a blank column is no trace context, not a bad one");
+        v[5] = Value::Null;
+        assert_eq!(row_event(&m, &p, "t", "0/1", row(&v)).trace_dropped, None);
         v[1] = Value::Null;
         v[4] = Value::Null;
         let e = row_event(&m, &p, "t", "0/9", row(&v));
@@ -655,6 +682,11 @@ mod tests {
         let p = plan(&m, "t", debezium_table).unwrap();
         let e = row_event(&m, &p, "t", "0/1", row(&sample()));
         assert_eq!(String::from_utf8(e.value.unwrap()).unwrap(), r#"{"payload":{"total": 1},"eventType":"OrderPlaced","shard":2}"#);
+        let tomb = mapping(&[("table.fields.additional.placement", "type:envelope"), ("route.tombstone.on.empty.payload", "true")]);
+        let mut v = sample();
+        v[4] = Value::Null;
+        let e = row_event(&tomb, &plan(&tomb, "t", debezium_table).unwrap(), "t", "0/1", row(&v));
+        assert_eq!((e.value, e.error), (None, None), "a tombstone, envelope or not (the router sends it before any envelope)");
     }
 
     #[test]

@@ -419,6 +419,7 @@ mod tests {
             route_value: Some("Order".into()),
             event_type: None,
             error: None,
+            trace_dropped: None,
             cleanup: Some("\"Id\"".into()),
         }
     }

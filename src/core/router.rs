@@ -56,9 +56,11 @@ pub struct Mapping {
     pub ignore_missing: bool,
     pub route: Route,
     pub tombstone_on_empty: bool,
-    pub expand_json: bool,
     pub on_update: OnUpdate,
     pub tracing_column: String,
+    /// `tracing.span.context.field` was given: a table without that column
+    /// is refused (the default column is read only where a table has it).
+    pub tracing_named: bool,
     /// `delete.published.rows` (outbox's own option, default false): the
     /// relay deletes a row once its event is settled (published or
     /// dead-lettered), by the id column, which must be the primary key.
@@ -89,11 +91,27 @@ const KNOWN: [&str; 16] = [
     "type",
 ];
 
-/// Options that configure Kafka Connect rather than the router; accepted
-/// and ignored so a pasted block needs no editing.
+/// The router's class, the one transform whose options belong here.
+pub const ROUTER_CLASS: &str = "io.debezium.transforms.outbox.EventRouter";
+
+/// Lines that configure Kafka Connect rather than the router; accepted and
+/// ignored so a pasted block needs no editing: the list of transforms, a
+/// transform's predicate (`outbox.tables` is what selects the rows here)
+/// and the predicates' own lines, the schema version and tracing's
+/// operation names (no schemas and no spans here), and the JSON expansion's
+/// options, which act only when `table.expand.json.payload` is true (refused).
 fn connect_only(option: &str) -> bool {
-    matches!(option, "type" | "table.field.event.schema.version" | "tracing.operation.name" | "tracing.with.context.field.only")
-        || option.starts_with("table.json.payload.")
+    matches!(
+        option,
+        "transforms"
+            | "predicates"
+            | "predicate"
+            | "negate"
+            | "table.field.event.schema.version"
+            | "tracing.operation.name"
+            | "tracing.with.context.field.only"
+    ) || option.starts_with("table.json.payload.")
+        || option.starts_with("predicates.")
 }
 
 impl Mapping {
@@ -110,9 +128,9 @@ impl Mapping {
             ignore_missing: false,
             route: Route::new("aggregatetype", DEFAULT_REGEX, DEFAULT_REPLACEMENT)?,
             tombstone_on_empty: false,
-            expand_json: false,
             on_update: OnUpdate::Warn,
             tracing_column: "tracingspancontext".into(),
+            tracing_named: false,
             delete_published_rows: false,
         };
         let (mut regex, mut replacement, mut by) = (DEFAULT_REGEX.to_owned(), DEFAULT_REPLACEMENT.to_owned(), m.route.by_column.clone());
@@ -138,7 +156,22 @@ impl Mapping {
                 "route.topic.regex" => regex = v.to_owned(),
                 "route.topic.replacement" => replacement = v.to_owned(),
                 "route.tombstone.on.empty.payload" => m.tombstone_on_empty = boolean(option, v)?,
-                "table.expand.json.payload" => m.expand_json = boolean(option, v)?,
+                "table.expand.json.payload" => {
+                    if boolean(option, v)? {
+                        return Err(format!(
+                            "{option}=true is not supported: outbox publishes the payload column's JSON as stored \
+                             (Debezium expands it into a record, which JsonConverter writes compacted, without null \
+                             fields or empty arrays); remove the line, or set it to false"
+                        ));
+                    }
+                }
+                "type" if v != ROUTER_CLASS => {
+                    return Err(format!(
+                        "type={v}: outbox.table_options takes the options of {ROUTER_CLASS} only; leave other \
+                         transforms' lines out"
+                    ))
+                }
+                "type" => {}
                 "table.op.invalid.behavior" => {
                     m.on_update = match one_of(option, v, &["warn", "error", "fatal"])? {
                         "warn" => OnUpdate::Warn,
@@ -146,7 +179,10 @@ impl Mapping {
                         _ => OnUpdate::Fatal,
                     }
                 }
-                "tracing.span.context.field" => m.tracing_column = column()?,
+                "tracing.span.context.field" => {
+                    m.tracing_column = column()?;
+                    m.tracing_named = true;
+                }
                 "delete.published.rows" => m.delete_published_rows = boolean(option, v)?,
                 o if connect_only(o) => {}
                 o => {
@@ -305,15 +341,22 @@ mod tests {
         assert_eq!((m.id_column.as_str(), m.key_column.as_str(), m.payload_column.as_str()), ("id", "aggregateid", "payload"));
         assert_eq!(m.route.by_column, "aggregatetype");
         assert_eq!(m.route.topic(Some("Order")).unwrap(), "outbox.event.Order");
-        assert_eq!((m.tombstone_on_empty, m.expand_json, m.on_update), (false, false, OnUpdate::Warn));
-        assert_eq!(m.tracing_column, "tracingspancontext");
+        assert_eq!((m.tombstone_on_empty, m.on_update), (false, OnUpdate::Warn));
+        assert_eq!((m.tracing_column.as_str(), m.tracing_named), ("tracingspancontext", false));
         assert_eq!(m.columns(), vec!["id", "aggregateid", "payload", "aggregatetype"]);
     }
 
     #[test]
     fn a_connector_block_translates_line_by_line() {
         let m = Mapping::parse(&opts(&[
+            ("transforms", "outbox"),
             ("transforms.outbox.type", "io.debezium.transforms.outbox.EventRouter"),
+            ("transforms.outbox.predicate", "isOutbox"),
+            ("transforms.outbox.negate", "false"),
+            ("predicates", "isOutbox"),
+            ("predicates.isOutbox.type", "org.apache.kafka.connect.transforms.predicates.TopicNameMatches"),
+            ("predicates.isOutbox.pattern", "app\\.outboxevent"),
+            ("transforms.outbox.table.expand.json.payload", "false"),
             ("transforms.outbox.table.field.event.id", "event_id"),
             ("transforms.outbox.table.field.event.key", "agg_id"),
             ("transforms.outbox.table.field.event.payload", "body"),
@@ -367,6 +410,11 @@ mod tests {
         assert!(err(&[("route.tombstone.on.empty.payload", "yes")]).contains("not true or false"));
         assert!(err(&[("table.op.invalid.behavior", "skip")]).contains("warn, error, fatal"));
         assert!(err(&[("table.field.event.key", " ")]).contains("a column name is needed"));
+        let expand = err(&[("transforms.outbox.table.expand.json.payload", "true")]);
+        assert!(expand.contains("table.expand.json.payload=true is not supported") && expand.contains("remove the line"), "{expand}");
+        let other = err(&[("transforms.unwrap.type", "io.debezium.transforms.ExtractNewRecordState")]);
+        assert!(other.contains("type=io.debezium.transforms.ExtractNewRecordState") && other.contains(ROUTER_CLASS), "{other}");
+        assert!(Mapping::parse(&opts(&[("tracing.span.context.field", "trace")])).unwrap().tracing_named);
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub(crate) struct Relay {
     own_table: Option<pg_sys::Oid>,
     /// The latch and the sink's wake-up descriptor, when it has one.
     waiter: Option<shmem::LatchOrFd>,
+    /// `outbox.tables` and `outbox.table_options` as last checked against
+    /// the catalog (see `check_adopted_tables`).
+    adopted_checked: Option<(String, String)>,
 }
 
 /// The sink `outbox.sink` names. A RabbitMQ server that cannot be reached
@@ -200,6 +203,7 @@ impl Relay {
             wal_watch: wal_guard::Watch::default(),
             own_table: None,
             waiter,
+            adopted_checked: None,
         };
         relay.deliver.dead_known = relay.dead_letters_since(confirmed);
         log!(
@@ -216,7 +220,33 @@ impl Relay {
         );
         state::feed(Input::Started, None);
         shared.enable_wakeups();
+        relay.check_adopted_tables();
         relay
+    }
+
+    /// The adopted tables' settings against the catalog, as the relay
+    /// starts and after a reload that changed them. `ALTER SYSTEM` in
+    /// `outbox.database` refuses what does not fit; a value from a
+    /// configuration file, or set from another database, is checked only
+    /// here: each problem is a WARNING and the status' last error, so a
+    /// misspelt table (whose rows would never be decoded as events) is
+    /// never silent. Publishing goes on: a table that does not fit has its
+    /// rows dead-lettered with the reason.
+    fn check_adopted_tables(&mut self) {
+        let raw = settings::tables::raw();
+        if self.adopted_checked.as_ref() == Some(&raw) {
+            return;
+        }
+        let problems = BackgroundWorker::transaction(|| crate::adopt::problems(&raw.0, &raw.1));
+        self.adopted_checked = Some(raw);
+        for p in &problems {
+            let msg = format!(
+                "outbox.tables does not fit the catalog: {p}; rows of a table that does not exist are never decoded as \
+                 events, and rows the mapping does not fit are dead-lettered with the reason"
+            );
+            warning!("outbox relay: {msg}");
+            self.shared.set_error(&msg);
+        }
     }
 
     fn run(&mut self) -> ! {
@@ -252,6 +282,7 @@ impl Relay {
             return;
         }
         self.deliver.reload();
+        self.check_adopted_tables();
         let restart_needed = settings::producer_fingerprint() != self.fingerprint || !settings::relay_enabled();
         state::feed(Input::Reloaded { restart_needed }, None);
     }

@@ -82,28 +82,47 @@ pub fn parse(tables: &str, options: &str) -> Result<(Vec<TableName>, Mapping), S
 /// there would lock them in sessions that never asked, and fail parallel
 /// queries once a table no longer fits. The output plugin checks each
 /// row's table as it decodes.
+///
+/// A role that is not superuser (granted ALTER SYSTEM on these settings)
+/// must set them in `outbox.database`, where its rights on each table are
+/// checked too (`crate::adopt::check_rights`).
 fn check(tables: &str, options: &str) -> Result<(), String> {
     let (tables, mapping) = parse(tables, options)?;
-    // SAFETY: reading backend globals; get_database_name is a syscache
-    // lookup, made only in a transaction, returning a palloc'd copy or NULL.
-    let in_outbox_db = unsafe {
+    // SAFETY: reading backend globals.
+    let statement = unsafe {
         pg_sys::IsTransactionState()
             && !pg_sys::ActivePortal.is_null()
             && !pg_sys::InitializingParallelWorker
             && pg_sys::ParallelWorkerNumber < 0
             && pg_sys::MyDatabaseId != pg_sys::InvalidOid
-            && {
-            let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
-            !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == super::database().as_bytes()
-        }
+    };
+    if !statement {
+        return Ok(());
+    }
+    // SAFETY: get_database_name is a syscache lookup in the statement's
+    // transaction, returning a palloc'd copy or NULL; superuser() reads the
+    // current user's role (cached), in a transaction.
+    let (in_outbox_db, superuser) = unsafe {
+        let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        (!name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == super::database().as_bytes(), pg_sys::superuser())
     };
     // The tables live in outbox.database: from any other database (an
     // ALTER SYSTEM run there) only the syntax can be checked.
     if !in_outbox_db {
-        return Ok(());
+        if superuser || tables.is_empty() {
+            return Ok(());
+        }
+        return Err(format!(
+            "only a superuser can adopt tables from another database than outbox.database (\"{}\"): set it there, \
+             where the tables and your rights on them are checked",
+            super::database()
+        ));
     }
     for t in &tables {
         crate::adopt::check_table(t, &mapping)?;
+        if !superuser {
+            crate::adopt::check_rights(t, &mapping)?;
+        }
     }
     Ok(())
 }
