@@ -221,7 +221,19 @@ fn read_properties_file(path: &str) -> Result<Vec<(String, String)>, String> {
     if !path.starts_with('/') {
         return Err(format!("outbox.kafka_properties_file \"{path}\" must be an absolute path"));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read outbox.kafka_properties_file \"{path}\": {e}"))?;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let cannot = |e: std::io::Error| format!("cannot read outbox.kafka_properties_file \"{path}\": {e}");
+    // The ownership checked is the opened file's (fstat), so the text read
+    // is the text of the file checked.
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let server_uid = unsafe { libc::geteuid() };
+    kafka_props::check_file_ownership(meta.uid(), meta.mode(), server_uid)
+        .map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(cannot)?;
     kafka_props::parse_file(&text)
         .and_then(|props| kafka_props::check(&props, kafka_props::Origin::File).map(|()| props))
         .map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))

@@ -161,6 +161,40 @@ def test_d3_code_loading_properties_are_refused_in_a_delegated_setting(db):
             c.execute("DROP ROLE kafka_admin")
 
 
+def test_d3_a_delegated_properties_file_must_be_the_servers_and_writable_by_no_one_else(db):
+    """The file is where code-loading properties are accepted, and its path
+    can be delegated too (GRANT ALTER SYSTEM ON PARAMETER
+    outbox.kafka_properties_file): a file that another OS user owns or can
+    write is refused, as PostgreSQL refuses such a TLS key file."""
+    path = rig.RUN / "delegated-kafka.conf"
+    path.write_text("plugin.library.paths = /tmp/evil.so\n")
+    with db.connect() as c:
+        fresh_role(c, "file_admin", "GRANT ALTER SYSTEM ON PARAMETER outbox.kafka_properties_file TO file_admin")
+    d = db.connect(user="file_admin")
+    try:
+        for owner, mode, why in (("nobody", 0o644, "is owned by uid"), ("postgres", 0o664, "writable by its group or others (mode 0664)"),
+                                 ("root", 0o646, "writable by its group or others (mode 0646)")):
+            rig.run(["chown", f"{owner}:nogroup", str(path)])
+            path.chmod(mode)
+            e = sqlstate_of(d, f"ALTER SYSTEM SET outbox.kafka_properties_file = '{path}'")
+            assert e.sqlstate == "22023" and why in str(e) and "may name code for librdkafka to load" in str(e), (owner, str(e))
+        # The server's own file, or root's, writable only by its owner: the
+        # place such properties belong (a library that does not exist is
+        # then librdkafka's error, at the relay's start, not ours to test).
+        rig.run(["chown", "postgres:postgres", str(path)])
+        path.chmod(0o600)
+        path.write_text("sasl.username = outbox\n")
+        d.execute(f"ALTER SYSTEM SET outbox.kafka_properties_file = '{path}'")
+        d.execute("ALTER SYSTEM RESET outbox.kafka_properties_file")
+    finally:
+        d.close()
+        path.unlink()
+        with db.connect() as c:
+            c.execute("ALTER SYSTEM RESET outbox.kafka_properties_file")
+            c.execute("REVOKE ALTER SYSTEM ON PARAMETER outbox.kafka_properties_file FROM file_admin")
+            c.execute("DROP ROLE file_admin")
+
+
 def test_d9_relay_owned_producer_settings_are_refused_under_every_name(db):
     """An alias (delivery.timeout.ms for message.timeout.ms, acks or
     topic.acks for request.required.acks) or a delivery-report switch would

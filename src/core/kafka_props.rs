@@ -243,9 +243,31 @@ pub fn check(props: &[(String, String)], origin: Origin) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the properties file may be trusted with what only it may hold
+/// (properties that load code or run commands, see [`check`]): owned by the
+/// server's user (`server_uid`) or root, and writable by no one else.
+/// `outbox.kafka_properties_file` can be delegated (GRANT ALTER SYSTEM ON
+/// PARAMETER), so the path alone does not say who wrote the file; as
+/// PostgreSQL asks of its TLS key file, the file itself must.
+pub fn check_file_ownership(owner_uid: u32, mode: u32, server_uid: u32) -> Result<(), String> {
+    if owner_uid != server_uid && owner_uid != 0 {
+        return Err(format!(
+            "it is owned by uid {owner_uid}; it may name code for librdkafka to load, so it must be owned by the \
+             server's user (uid {server_uid}) or root"
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "it is writable by its group or others (mode {:04o}); it may name code for librdkafka to load: chmod go-w",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{canonical, check, merge, parse, parse_file, Origin};
+    use super::{canonical, check, check_file_ownership, merge, parse, parse_file, Origin};
 
     #[test]
     fn relay_owned_properties_are_refused_under_every_name() {
@@ -333,5 +355,16 @@ mod tests {
         assert!(parse("=5").unwrap_err().contains("empty property name"));
         assert!(parse("a b=1").unwrap_err().contains("not a librdkafka property"));
         assert!(parse("acks=1;acks=all").unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn the_file_must_be_the_servers_or_roots_and_writable_by_no_one_else() {
+        assert_eq!(check_file_ownership(105, 0o100600, 105), Ok(()));
+        assert_eq!(check_file_ownership(0, 0o100644, 105), Ok(()), "root's, readable by all: fine");
+        let other = check_file_ownership(1000, 0o100600, 105).unwrap_err();
+        assert!(other.contains("owned by uid 1000") && other.contains("(uid 105) or root"), "{other}");
+        let group = check_file_ownership(105, 0o100664, 105).unwrap_err();
+        assert!(group.contains("mode 0664") && group.contains("chmod go-w"), "{group}");
+        assert!(check_file_ownership(0, 0o100602, 105).unwrap_err().contains("mode 0602"));
     }
 }
