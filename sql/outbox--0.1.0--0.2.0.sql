@@ -139,6 +139,7 @@ ALTER TABLE outbox_dead_letter
     ADD COLUMN payload_bytes bytea,
     ADD COLUMN adopted boolean NOT NULL DEFAULT false,
     ADD COLUMN source_table text,
+    ADD COLUMN unverified boolean NOT NULL DEFAULT false,
     ADD CONSTRAINT outbox_dead_letter_event_check CHECK (adopted OR aggregateid IS NOT NULL);
 CREATE OR REPLACE FUNCTION outbox_dead_letter_republish(event_id uuid DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -147,11 +148,12 @@ AS $$
 DECLARE
     r record;
     n bigint := 0;
+    left_alone bigint;
 BEGIN
     FOR r IN
         WITH d AS (
             DELETE FROM @extschema@.outbox_dead_letter
-            WHERE (event_id IS NULL OR id = event_id) AND NOT adopted
+            WHERE (event_id IS NULL OR id = event_id) AND NOT adopted AND NOT unverified
             RETURNING *
         )
         SELECT * FROM d ORDER BY commit_lsn, id
@@ -159,11 +161,23 @@ BEGIN
         PERFORM @extschema@.outbox_emit_with_id(r.id, r.aggregatetype, r.aggregateid, r.type, r.payload, r.headers, r.topic);
         n := n + 1;
     END LOOP;
+    IF event_id IS NULL THEN
+        SELECT count(*) INTO left_alone FROM @extschema@.outbox_dead_letter l WHERE l.unverified;
+        IF left_alone OPERATOR(pg_catalog.>) 0 THEN
+            RAISE NOTICE '% unverified dead letter(s) left alone: any role can write such an event', left_alone
+                USING HINT = 'Check each (reason "not verified"); re-publish one your application wrote by its id, after setting its unverified to false.';
+        END IF;
+    END IF;
     IF event_id IS NOT NULL AND n = 0 THEN
         IF EXISTS (SELECT FROM @extschema@.outbox_dead_letter l WHERE l.id = event_id AND l.adopted) THEN
             RAISE EXCEPTION 'dead letter % is a row of an adopted table: it is published again from that table', event_id
                 USING ERRCODE = 'feature_not_supported',
                       HINT = 'Insert the row into its table again (source_table; payload_bytes holds its payload), then delete the dead letter.';
+        END IF;
+        IF EXISTS (SELECT FROM @extschema@.outbox_dead_letter l WHERE l.id = event_id AND l.unverified) THEN
+            RAISE EXCEPTION 'dead letter % was not verified: any role can write such an event with pg_logical_emit_message(), and re-publishing signs it with this server''s key', event_id
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = format('If your application wrote it (under a key this server no longer has): UPDATE outbox_dead_letter SET unverified = false WHERE id = %L, then call this again.', event_id);
         END IF;
         RAISE EXCEPTION 'no dead letter with id %', event_id
             USING ERRCODE = 'no_data_found',

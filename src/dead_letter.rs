@@ -31,6 +31,9 @@ pub struct Letter {
     /// refusal in a sink's delivery report names only the topic).
     pub adopted: bool,
     pub source_table: Option<String>,
+    /// Its signature did not verify: it may have been written by any role
+    /// (pg_logical_emit_message), so re-publishing all leaves it alone.
+    pub unverified: bool,
     pub headers: Vec<(String, String)>,
     /// The topic it was routed to; None when no topic could be derived.
     pub topic: Option<String>,
@@ -52,6 +55,7 @@ impl Letter {
             payload_bytes: None,
             adopted: false,
             source_table: None,
+            unverified: d.source == outbox_core::decoded::Source::Unverified,
             headers: ev.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             topic: destination.map(str::to_owned),
             commit_time: d.commit_time,
@@ -69,6 +73,7 @@ impl Letter {
             payload_bytes: d.payload.map(<[u8]>::to_vec),
             adopted: true,
             source_table: Some(d.table.to_owned()),
+            unverified: false,
             headers: d.headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             topic: Some(d.topic.to_owned()).filter(|t| !t.is_empty()),
             commit_time: d.commit_time,
@@ -93,6 +98,7 @@ impl Letter {
                 payload_bytes: r.value,
                 adopted: true,
                 source_table: None,
+                unverified: false,
                 headers: r.headers,
                 topic: Some(destination.to_owned()),
                 commit_time,
@@ -107,6 +113,7 @@ impl Letter {
             payload_bytes: None,
             adopted: false,
             source_table: None,
+            unverified: false,
             headers: Vec::new(),
             topic: Some(destination.to_owned()),
             commit_time,
@@ -149,9 +156,9 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
         // search_path a user could write to (the worker pins it too).
         "INSERT INTO {schema}.outbox_dead_letter
              (id, aggregatetype, aggregateid, type, payload, headers, topic, reason, commit_lsn, committed_at,
-              payload_bytes, adopted, source_table)
+              payload_bytes, adopted, source_table, unverified)
          VALUES ($1::pg_catalog.uuid, $2, $3, $4, $5::pg_catalog.jsonb, $6::pg_catalog.jsonb, $7, $8,
-                 $9::pg_catalog.pg_lsn, $10, $11, $12, $13)
+                 $9::pg_catalog.pg_lsn, $10, $11, $12, $13, $14)
          ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, dead_lettered_at = pg_catalog.now()"
     );
     BackgroundWorker::transaction(|| {
@@ -161,7 +168,7 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
                 l.headers.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect(),
             )
             .to_string();
-            let args: [DatumWithOid; 13] = [
+            let args: [DatumWithOid; 14] = [
                 l.id.as_str().into(),
                 l.aggregate_type.as_str().into(),
                 l.aggregate_id.as_deref().into(),
@@ -175,6 +182,7 @@ pub fn store(schema: &str, letters: &[Pending]) -> Result<(), pgrx::spi::Error> 
                 l.payload_bytes.as_deref().into(),
                 l.adopted.into(),
                 l.source_table.as_deref().into(),
+                l.unverified.into(),
             ];
             Spi::run_with_args(&sql, &args)?;
         }

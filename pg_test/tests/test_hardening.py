@@ -353,9 +353,20 @@ def test_d5_message_key_missing_or_replaced_never_loses_an_unpublished_event(db,
         status = rig.relay_status(pg)
         assert status["unverified_events"] == 1 and status["dead_letters"] == 1, status
         with pg.connect() as c:
-            (dl_id, reason), = c.execute("SELECT id, reason FROM outbox_dead_letter").fetchall()
-            assert str(dl_id) == str(replaced) and reason.startswith("not verified"), reason
-            assert c.execute("SELECT outbox_dead_letter_republish()").fetchone()[0] == 1
+            (dl_id, reason, unverified), = c.execute("SELECT id, reason, unverified FROM outbox_dead_letter").fetchall()
+            assert str(dl_id) == str(replaced) and reason.startswith("not verified") and unverified, reason
+            # Any role could have written it: re-publishing all (which signs
+            # with this server's key) leaves it alone, and by id it waits
+            # for an operator to say it is the application's.
+            notices = []
+            c.add_notice_handler(lambda d: notices.append(d.message_primary))
+            assert c.execute("SELECT outbox_dead_letter_republish()").fetchone()[0] == 0
+            assert notices == ["1 unverified dead letter(s) left alone: any role can write such an event"], notices
+            e = sqlstate_of(c, "SELECT outbox_dead_letter_republish(%s)", (dl_id,))
+            assert e.sqlstate == "55000" and "was not verified" in str(e), str(e)
+            assert f"SET unverified = false WHERE id = '{dl_id}'" in e.diag.message_hint, e.diag.message_hint
+            c.execute("UPDATE outbox_dead_letter SET unverified = false WHERE id = %s", (dl_id,))
+            assert c.execute("SELECT outbox_dead_letter_republish(%s)", (dl_id,)).fetchone()[0] == 1
         rig.drain(pg)
         got = broker.consume(topic, expect=3, timeout=30, linger=1)
         assert first_occurrences(got) == [str(first), str(kept), str(replaced)]
