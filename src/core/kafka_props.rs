@@ -243,6 +243,36 @@ pub fn check(props: &[(String, String)], origin: Origin) -> Result<(), String> {
     Ok(())
 }
 
+/// What the relay sets after the user's properties, whatever they said,
+/// and the user's properties it overrode (for a warning): while it isolates
+/// a refused batch, one event per request and one request in flight (a
+/// user's `batch.num.messages` or `max.in.flight` would put innocent events
+/// beside the refused one, or let later ones be written first); and a local
+/// queue of at least `queue_kbytes` (a smaller one could never take the
+/// largest event `outbox.max_event_bytes` allows, and decoding would wait
+/// for room without end). A larger queue of the user's is kept.
+pub fn relay_overrides(user: &[(String, String)], queue_kbytes: usize, one_per_request: bool) -> (Vec<(&'static str, String)>, Vec<String>) {
+    let mut set = Vec::new();
+    let mut overrode = Vec::new();
+    let named = |name: &'static str| user.iter().filter(move |(k, _)| canonical(k) == name);
+    if one_per_request {
+        for (name, v) in [("batch.num.messages", "1"), ("max.in.flight.requests.per.connection", "1")] {
+            overrode.extend(named(name).filter(|(_, u)| u.trim() != v).map(|(k, _)| k.clone()));
+            set.push((name, v.to_owned()));
+        }
+    }
+    let user_kb = named("queue.buffering.max.kbytes").next_back().map(|(k, v)| (k, v.trim().parse::<usize>().ok()));
+    match user_kb {
+        Some((_, Some(kb))) if kb >= queue_kbytes => {}
+        Some((k, _)) => {
+            overrode.push(k.clone());
+            set.push(("queue.buffering.max.kbytes", queue_kbytes.to_string()));
+        }
+        None => set.push(("queue.buffering.max.kbytes", queue_kbytes.to_string())),
+    }
+    (set, overrode)
+}
+
 /// Whether the properties file may be trusted with what only it may hold
 /// (properties that load code or run commands, see [`check`]): owned by the
 /// server's user (`server_uid`) or root, and writable by no one else.
@@ -267,7 +297,7 @@ pub fn check_file_ownership(owner_uid: u32, mode: u32, server_uid: u32) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use super::{canonical, check, check_file_ownership, merge, parse, parse_file, Origin};
+    use super::{canonical, check, check_file_ownership, merge, parse, parse_file, relay_overrides, Origin};
 
     #[test]
     fn relay_owned_properties_are_refused_under_every_name() {
@@ -366,5 +396,28 @@ mod tests {
         let group = check_file_ownership(105, 0o100664, 105).unwrap_err();
         assert!(group.contains("mode 0664") && group.contains("chmod go-w"), "{group}");
         assert!(check_file_ownership(0, 0o100602, 105).unwrap_err().contains("mode 0602"));
+    }
+
+    #[test]
+    fn isolation_and_the_queue_floor_win_over_the_users_properties() {
+        let user = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<Vec<_>>();
+        let tuned = user(&[("batch.num.messages", "500"), ("max.in.flight", "5"), ("queue.buffering.max.kbytes", "1024")]);
+        let (set, overrode) = relay_overrides(&tuned, 32768, true);
+        assert_eq!(
+            set,
+            vec![
+                ("batch.num.messages", "1".to_owned()),
+                ("max.in.flight.requests.per.connection", "1".to_owned()),
+                ("queue.buffering.max.kbytes", "32768".to_owned()),
+            ]
+        );
+        assert_eq!(overrode, vec!["batch.num.messages", "max.in.flight", "queue.buffering.max.kbytes"]);
+        let (set, overrode) = relay_overrides(&tuned, 32768, false);
+        assert_eq!(set, vec![("queue.buffering.max.kbytes", "32768".to_owned())], "batching is the user's outside isolation");
+        assert_eq!(overrode, vec!["queue.buffering.max.kbytes"]);
+        let (set, overrode) = relay_overrides(&user(&[("queue.buffering.max.kbytes", "65536")]), 32768, false);
+        assert!(set.is_empty() && overrode.is_empty(), "a larger queue is kept");
+        assert_eq!(relay_overrides(&[], 40000, false).0, vec![("queue.buffering.max.kbytes", "40000".to_owned())]);
+        assert_eq!(relay_overrides(&user(&[("queue.buffering.max.kbytes", "lots")]), 32768, false).1, vec!["queue.buffering.max.kbytes"]);
     }
 }

@@ -233,20 +233,7 @@ impl KafkaSink {
             // Room above the largest event for what CloudEvents adds.
             .set("message.max.bytes", (max_event_bytes + 16 * 1024).max(1_000_000).to_string())
             .set("client.id", "outbox-relay")
-            // The local queue bounds the worker's memory during a large
-            // transaction (a full queue is waited out, never an error); 32 MiB
-            // keeps the broker busy without holding a transaction in memory.
-            // At least twice the largest event outbox.max_event_bytes
-            // allows, so an event never waits for room that cannot exist.
-            .set("queue.buffering.max.kbytes", queue_kbytes(max_event_bytes).to_string())
             .set("queue.buffering.max.messages", "20000");
-        if one_per_request {
-            // Each event in a request of its own, one request at a time: a
-            // batch rejection then names the event really refused (see
-            // kafka_errors::is_batch_rejection), and nothing behind it is in
-            // flight, so nothing behind it can be written before it.
-            config.set("batch.num.messages", "1").set("max.in.flight.requests.per.connection", "1");
-        }
         let mut ignored = Vec::new();
         for (k, v) in user {
             // Refused by the settings already; kept as a second line.
@@ -260,6 +247,20 @@ impl KafkaSink {
         for (k, v) in FIXED {
             config.set(k, v);
         }
+        // After the user's properties: while a refused batch is isolated,
+        // each event in a request of its own, one request at a time (a
+        // batch rejection then names the event really refused, see
+        // kafka_errors::is_batch_rejection, and nothing behind it is in
+        // flight to be written before it); and the local queue, which
+        // bounds the worker's memory during a large transaction (a full
+        // queue is waited out, never an error), at least twice the largest
+        // event outbox.max_event_bytes allows, so an event never waits for
+        // room that cannot exist (32 MiB at the least).
+        let (overrides, overrode) = outbox_core::kafka_props::relay_overrides(user, queue_kbytes(max_event_bytes), one_per_request);
+        for (k, v) in overrides {
+            config.set(k, v);
+        }
+        ignored.extend(overrode);
         let producer = with_signals_blocked(|| {
             config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx {
                 reports: Mutex::new(Vec::new()),
