@@ -152,7 +152,8 @@ pub unsafe fn plan_of(rel: pg_sys::Relation, table: &str, m: &Mapping) -> Result
                 (!(*a).attisdropped && n.to_bytes() == name.as_bytes()).then(|| (i, classify((*a).atttypid)))
             })
         };
-        adopt::plan(m, table, lookup)
+        let not_null = |i: usize| (*attr(desc, i)).attnotnull;
+        adopt::plan_with(m, table, lookup, not_null)
     }
 }
 

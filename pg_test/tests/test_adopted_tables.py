@@ -60,14 +60,16 @@ def options(router: dict[str, str]) -> str:
 
 
 def run_both(db, broker, dbz_broker, table, router, topics: dict[str, int], write, worker=None):
-    """Debezium (router `router` on `table`) and outbox (the same block as
-    outbox.table_options) publish the rows `write` commits, `topics[t]`
-    records to topic t; returns the (ours, theirs) records paired by their
-    `id` header."""
+    """Debezium (router `router` on `table`, the worker's properties
+    `worker` over pass-through converters) and outbox (the same router block
+    and the worker's converter lines as outbox.table_options) publish the
+    rows `write` commits, `topics[t]` records to topic t; returns the
+    (ours, theirs) records paired by their `id` header."""
     for b in (broker, dbz_broker):
         for t in topics:
             b.create_topic(t, partitions=3)
-    adopt(db, table, options(router))
+    converter_lines = "".join(f"{k}={v}; " for k, v in (worker or {}).items() if ".converter" in k)
+    adopt(db, table, options(router) + converter_lines)
     dbz = rig.DebeziumConnect(db, dbz_broker, table=table, converters="string", router=router, worker=worker,
                               slot=f"dbz_adopt_{uuid.uuid4().hex[:6]}")
     dbz.start()
@@ -198,6 +200,45 @@ def test_bytea_payload_renamed_columns_regex_route_and_partition(app, broker, db
         assert m["value"] == body and m["partition"] == i % 3
         assert m["topic"] == f"{prefix}.{'invoice' if i % 2 else 'payment'}"
         assert m["headers"] == {"id": str(100 + i), "eventType": "Stored", "agg_type": "invoice.v1" if i % 2 else "payment.v1"}
+
+
+def test_json_converter_keys_and_values_are_debeziums_bytes(app, broker, dbz_broker):
+    """The guides' converter (JsonConverter) in the connector's lines: the
+    key without schemas, as the seed configuration has it, and the value
+    with them (JsonConverter's default), so both encodings are compared in
+    one run: the same key bytes (and so the same partition) and value bytes
+    as Debezium's, a tombstone still a null value."""
+    prefix = f"js{uuid.uuid4().hex[:6]}"
+    with app.connect() as c:
+        c.execute("""CREATE TABLE app.outboxevent (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                         aggregateid text NOT NULL, type text NOT NULL, payload jsonb,
+                         created timestamp NOT NULL DEFAULT '2026-01-15 10:00:00')""")
+    router = {"route.topic.replacement": prefix + ".${routedByValue}", "route.tombstone.on.empty.payload": "true",
+              "table.field.event.timestamp": "created"}
+    worker = {"key.converter": "org.apache.kafka.connect.json.JsonConverter", "key.converter.schemas.enable": "false",
+              "value.converter": "org.apache.kafka.connect.json.JsonConverter", "value.converter.schemas.enable": "true"}
+    payloads = [{"total": 4200, "note": None}, {"text": 'quotes " \\ tab\t ctl\u0001', "unicode": "zürich 東京"}, None]
+    rows = [str(uuid.uuid4()) for _ in payloads]
+
+    def write(c):
+        with c.transaction():
+            for i, (rid, p) in enumerate(zip(rows, payloads)):
+                c.execute("INSERT INTO app.outboxevent (id, aggregatetype, aggregateid, type, payload) VALUES (%s, 'Order', %s, 'Placed', %s::jsonb)",
+                          (rid, f'order "{i}"', None if p is None else json.dumps(p)))
+
+    pairs = run_both(app, broker, dbz_broker, "app.outboxevent", router, {f"{prefix}.Order": 3}, write, worker=worker)
+    for o, t in pairs:
+        same_record(o, t)
+    ours = {o["headers"]["id"]: o for o, _ in pairs}
+    for i, rid in enumerate(rows):
+        m = ours[rid]
+        assert json.loads(m["key"]) == f'order "{i}"', "the key as a JSON string"
+        if payloads[i] is None:
+            assert m["value"] is None, "a tombstone"
+        else:
+            v = json.loads(m["value"])
+            assert v["schema"] == {"type": "string", "optional": True, "name": "io.debezium.data.Json", "version": 1}
+            assert json.loads(v["payload"]) == payloads[i], "the payload's JSON inside a JSON string"
 
 
 def test_cutover_from_a_running_connector_publishes_each_row_once(app, broker, dbz_broker):

@@ -18,7 +18,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::router::{self, Mapping, Placement};
+use crate::router::{self, Converter, Mapping, Placement, JSON_CONVERTER};
 
 /// A table named in `outbox.tables`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,12 +169,26 @@ pub struct Plan {
     pub envelope: Vec<(Col, String)>,
     pub partition: Option<Col>,
     pub tracing: Option<Col>,
+    /// The key and payload columns may be NULL (JsonConverter's schemas
+    /// say `"optional"`).
+    pub key_optional: bool,
+    pub payload_optional: bool,
 }
 
 /// Resolves `m` against a table whose columns `lookup` finds by name
 /// (Some((index, type)) or None). Errors name the table, the column and
 /// what is wrong, as a DBA reads them at SET time.
 pub fn plan(m: &Mapping, table: &str, lookup: impl Fn(&str) -> Option<(usize, ColumnType)>) -> Result<Plan, String> {
+    plan_with(m, table, lookup, |_| false)
+}
+
+/// [`plan`], where `not_null` says which columns (by index) are NOT NULL.
+pub fn plan_with(
+    m: &Mapping,
+    table: &str,
+    lookup: impl Fn(&str) -> Option<(usize, ColumnType)>,
+    not_null: impl Fn(usize) -> bool,
+) -> Result<Plan, String> {
     let need = |option: &str, column: &str| -> Result<Col, String> {
         let (index, ty) = lookup(column)
             .ok_or_else(|| format!("table {table} has no column \"{column}\" (the mapping's {option})"))?;
@@ -220,12 +234,29 @@ pub fn plan(m: &Mapping, table: &str, lookup: impl Fn(&str) -> Option<(usize, Co
         headers: Vec::new(),
         envelope: Vec::new(),
         partition: None,
+        key_optional: true,
+        payload_optional: true,
         // The default column is read where a table has it; one named in
         // the options must be there.
         tracing: (m.tracing_named || lookup(&m.tracing_column).is_some())
             .then(|| typed("tracing.span.context.field", &m.tracing_column, &[Text], "text or varchar"))
             .transpose()?,
     };
+    p.key_optional = !not_null(p.key.index);
+    p.payload_optional = !not_null(p.payload.index);
+    if m.key_converter != Converter::Bytes && ![Text, Uuid, Int4].contains(&p.key.ty) {
+        return Err(format!(
+            "column \"{}\" of table {table} (the mapping's table.field.event.key) must be a string type, uuid or \
+             integer for key.converter={JSON_CONVERTER}",
+            m.key_column
+        ));
+    }
+    if m.value_converter != Converter::Bytes && m.placements.iter().any(|pl| matches!(pl, Placement::Envelope { .. })) {
+        return Err(format!(
+            "table {table}: envelope placements with value.converter={JSON_CONVERTER} are not supported yet (the \
+             envelope's fields as JsonConverter writes Debezium's types); place them as headers"
+        ));
+    }
     for pl in &m.placements {
         let column = match pl {
             Placement::Header { column, .. } | Placement::Envelope { column, .. } | Placement::Partition { column } => column,
@@ -447,7 +478,87 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
     if !errors.is_empty() {
         e.error = Some(format!("row of {table} at {at}: {}", errors.join("; ")));
     }
+    if let Converter::Json { schemas } = m.key_converter {
+        e.key = json_key(plan, get(plan.key), schemas);
+    }
+    if let Converter::Json { schemas } = m.value_converter {
+        // A tombstone has no schema in the router: JsonConverter writes no
+        // bytes for it, schemas or not.
+        if let Some(v) = &e.value {
+            e.value = Some(json_value(plan, v, schemas).into_bytes());
+        }
+    }
     e
+}
+
+/// The key as JsonConverter writes the router's key (the column's value
+/// with Debezium's schema for its type): a string or uuid as a JSON
+/// string, an integer as a number; with `schemas`, in the
+/// `{"schema":...,"payload":...}` envelope. None: no bytes (a NULL key
+/// without schemas).
+fn json_key(plan: &Plan, v: Value, schemas: bool) -> Option<String> {
+    let optional = plan.key_optional;
+    let (schema, payload) = match (&v, plan.key.ty) {
+        (Value::Int4(i), _) => (connect_schema("int32", optional, None), Some(i.to_string())),
+        (_, ColumnType::Uuid) => (connect_schema("string", optional, Some("io.debezium.data.Uuid")), v.text().map(|t| connect_json_string(&t))),
+        (_, ColumnType::Int4) => (connect_schema("int32", optional, None), None),
+        _ => (connect_schema("string", optional, None), v.text().map(|t| connect_json_string(&t))),
+    };
+    if !schemas {
+        return payload;
+    }
+    Some(format!("{{\"schema\":{schema},\"payload\":{}}}", payload.as_deref().unwrap_or("null")))
+}
+
+/// The value as JsonConverter writes the router's value, the payload column
+/// with Debezium's schema for its type: json and jsonb are
+/// `io.debezium.data.Json` strings (the JSON text as a JSON string), text a
+/// string, bytea base64 (`bytes`).
+fn json_value(plan: &Plan, payload: &[u8], schemas: bool) -> String {
+    let optional = plan.payload_optional;
+    let (schema, value) = match plan.payload_kind {
+        PayloadKind::Json => (connect_schema("string", optional, Some("io.debezium.data.Json")), connect_json_string(&String::from_utf8_lossy(payload))),
+        PayloadKind::Text => (connect_schema("string", optional, None), connect_json_string(&String::from_utf8_lossy(payload))),
+        PayloadKind::Bytes => (connect_schema("bytes", optional, None), connect_json_string(&base64(payload))),
+    };
+    if schemas {
+        format!("{{\"schema\":{schema},\"payload\":{value}}}")
+    } else {
+        value
+    }
+}
+
+/// A Kafka Connect schema as JsonConverter writes it: type, optional, then
+/// Debezium's logical name and version 1 when it has one.
+fn connect_schema(ty: &str, optional: bool, name: Option<&str>) -> String {
+    match name {
+        Some(n) => format!("{{\"type\":\"{ty}\",\"optional\":{optional},\"name\":\"{n}\",\"version\":1}}"),
+        None => format!("{{\"type\":\"{ty}\",\"optional\":{optional}}}"),
+    }
+}
+
+/// A JSON string as Jackson (JsonConverter's serializer) writes it: `"`
+/// and `\` escaped, the short escapes for backspace, tab, newline, form
+/// feed and carriage return, other control characters as `\u00XX` in
+/// upper case, everything else (non-ASCII included) as it is.
+fn connect_json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn partition_column(m: &Mapping) -> &str {
@@ -687,6 +798,61 @@ mod tests {
         v[4] = Value::Null;
         let e = row_event(&tomb, &plan(&tomb, "t", debezium_table).unwrap(), "t", "0/1", row(&v));
         assert_eq!((e.value, e.error), (None, None), "a tombstone, envelope or not (the router sends it before any envelope)");
+    }
+
+    #[test]
+    fn json_converter_output_is_debeziums() {
+        let json = |schemas: &str| {
+            mapping(&[
+                ("key.converter", JSON_CONVERTER),
+                ("key.converter.schemas.enable", schemas),
+                ("value.converter", JSON_CONVERTER),
+                ("value.converter.schemas.enable", schemas),
+                ("route.tombstone.on.empty.payload", "true"),
+            ])
+        };
+        let plain = json("false");
+        let p = plan(&plain, "t", debezium_table).unwrap();
+        let e = row_event(&plain, &p, "t", "0/1", row(&sample()));
+        assert_eq!(e.key.as_deref(), Some("\"42\""), "the key as a JSON string");
+        assert_eq!(String::from_utf8(e.value.unwrap()).unwrap(), r#""{\"total\": 1}""#, "jsonb: its text as a JSON string");
+        assert_eq!(e.payload.as_deref(), Some(&br#"{"total": 1}"#[..]), "a dead letter keeps the payload itself");
+        let mut v = sample();
+        v[2] = Value::Null;
+        v[4] = Value::Null;
+        let e = row_event(&plain, &p, "t", "0/1", row(&v));
+        assert_eq!((e.key, e.value), (None, None), "a NULL key and a tombstone: no bytes");
+
+        let enveloped = json("true");
+        let not_null = |i: usize| i == 0 || i == 2;
+        let p = plan_with(&enveloped, "t", debezium_table, not_null).unwrap();
+        let e = row_event(&enveloped, &p, "t", "0/1", row(&sample()));
+        assert_eq!(e.key.as_deref(), Some(r#"{"schema":{"type":"string","optional":false},"payload":"42"}"#));
+        assert_eq!(
+            String::from_utf8(e.value.unwrap()).unwrap(),
+            r#"{"schema":{"type":"string","optional":true,"name":"io.debezium.data.Json","version":1},"payload":"{\"total\": 1}"}"#
+        );
+        let e = row_event(&enveloped, &plan(&enveloped, "t", debezium_table).unwrap(), "t", "0/1", row(&v));
+        assert_eq!(e.key.as_deref(), Some(r#"{"schema":{"type":"string","optional":true},"payload":null}"#), "schemas: a null key in the envelope");
+        assert_eq!(e.value, None, "a tombstone has no schema: no bytes");
+
+        let by = |key: &str| mapping(&[("key.converter", JSON_CONVERTER), ("key.converter.schemas.enable", "false"), ("table.field.event.key", key)]);
+        let uuid_key = by("id");
+        let e = row_event(&uuid_key, &plan(&uuid_key, "t", debezium_table).unwrap(), "t", "0/1", row(&sample()));
+        assert_eq!(e.key.as_deref(), Some("\"11111111-1111-1111-1111-111111111111\""));
+        let int_key = mapping(&[("key.converter", JSON_CONVERTER), ("table.field.event.key", "shard")]);
+        let e = row_event(&int_key, &plan(&int_key, "t", debezium_table).unwrap(), "t", "0/1", row(&sample()));
+        assert_eq!(e.key.as_deref(), Some(r#"{"schema":{"type":"int32","optional":true},"payload":2}"#));
+        assert!(plan(&by("created"), "t", debezium_table).unwrap_err().contains("must be a string type, uuid or integer"));
+        let env = mapping(&[("value.converter", JSON_CONVERTER), ("table.fields.additional.placement", "type:envelope")]);
+        assert!(plan(&env, "t", debezium_table).unwrap_err().contains("envelope placements with value.converter"));
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_jackson_does() {
+        assert_eq!(connect_json_string("a\"b\\c"), r#""a\"b\\c""#);
+        assert_eq!(connect_json_string("\u{8}\t\n\u{c}\r"), r#""\b\t\n\f\r""#);
+        assert_eq!(connect_json_string("\u{1}\u{1f}\u{7f}/é東"), "\"\\u0001\\u001F\u{7f}/é東\"", "upper-case hex; DEL, / and non-ASCII as they are");
     }
 
     #[test]

@@ -31,6 +31,24 @@ pub enum OnUpdate {
     Fatal,
 }
 
+/// How Kafka Connect's converter wrote the key or the value, so a
+/// switcher's consumers get the same bytes (`key.converter`,
+/// `value.converter` and their `schemas.enable`, from the connector's or
+/// the worker's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Converter {
+    /// StringConverter or ByteArrayConverter: the column's bytes.
+    Bytes,
+    /// JsonConverter: the value as JSON (a string as a JSON string, a
+    /// bytea as base64), wrapped in `{"schema":...,"payload":...}` when
+    /// `schemas` (`schemas.enable`, JsonConverter's default true).
+    Json { schemas: bool },
+}
+
+pub const STRING_CONVERTER: &str = "org.apache.kafka.connect.storage.StringConverter";
+pub const BYTE_ARRAY_CONVERTER: &str = "org.apache.kafka.connect.converters.ByteArrayConverter";
+pub const JSON_CONVERTER: &str = "org.apache.kafka.connect.json.JsonConverter";
+
 /// Topic routing: `route.by.field`'s value through `route.topic.regex`
 /// and `route.topic.replacement`, as Kafka's RegexRouter does it.
 #[derive(Debug, Clone)]
@@ -65,6 +83,8 @@ pub struct Mapping {
     /// relay deletes a row once its event is settled (published or
     /// dead-lettered), by the id column, which must be the primary key.
     pub delete_published_rows: bool,
+    pub key_converter: Converter,
+    pub value_converter: Converter,
 }
 
 pub const DEFAULT_REGEX: &str = "(?<routedByValue>.*)";
@@ -72,8 +92,12 @@ pub const DEFAULT_REPLACEMENT: &str = "outbox.event.${routedByValue}";
 
 /// The router's options this mapping understands; anything else is refused
 /// by name, so a misspelt option is an error rather than a silent default.
-const KNOWN: [&str; 16] = [
+const KNOWN: [&str; 20] = [
     "delete.published.rows",
+    "key.converter",
+    "key.converter.schemas.enable",
+    "value.converter",
+    "value.converter.schemas.enable",
     "table.field.event.id",
     "table.field.event.key",
     "table.field.event.type",
@@ -132,7 +156,11 @@ impl Mapping {
             tracing_column: "tracingspancontext".into(),
             tracing_named: false,
             delete_published_rows: false,
+            key_converter: Converter::Bytes,
+            value_converter: Converter::Bytes,
         };
+        // Each converter: its class and its schemas.enable, in any order.
+        let mut converters = [(None, None), (None, None)];
         let (mut regex, mut replacement, mut by) = (DEFAULT_REGEX.to_owned(), DEFAULT_REPLACEMENT.to_owned(), m.route.by_column.clone());
         for (k, v) in options {
             let option = strip_prefix(k.trim());
@@ -184,6 +212,27 @@ impl Mapping {
                     m.tracing_named = true;
                 }
                 "delete.published.rows" => m.delete_published_rows = boolean(option, v)?,
+                "key.converter" | "value.converter" => {
+                    let json = match v {
+                        STRING_CONVERTER | BYTE_ARRAY_CONVERTER => false,
+                        JSON_CONVERTER => true,
+                        _ => {
+                            return Err(format!(
+                                "{option}={v} is not supported: outbox writes keys and values as {STRING_CONVERTER}, \
+                                 {BYTE_ARRAY_CONVERTER} or {JSON_CONVERTER} do"
+                            ))
+                        }
+                    };
+                    converters[(option == "value.converter") as usize].0 = Some(json);
+                }
+                "key.converter.schemas.enable" | "value.converter.schemas.enable" => {
+                    converters[option.starts_with("value.") as usize].1 = Some(boolean(option, v)?);
+                }
+                o if o.starts_with("key.converter.") || o.starts_with("value.converter.") => {
+                    if !o.ends_with(".schemas.cache.size") {
+                        return Err(format!("{o} is not supported (of a converter's options, outbox reads schemas.enable)"));
+                    }
+                }
                 o if connect_only(o) => {}
                 o => {
                     return Err(format!(
@@ -194,6 +243,12 @@ impl Mapping {
             }
         }
         m.route = Route::new(&by, &regex, &replacement)?;
+        let converter = |(json, schemas): (Option<bool>, Option<bool>)| match json {
+            Some(true) => Converter::Json { schemas: schemas.unwrap_or(true) },
+            _ => Converter::Bytes,
+        };
+        m.key_converter = converter(converters[0]);
+        m.value_converter = converter(converters[1]);
         Ok(m)
     }
 
@@ -383,6 +438,27 @@ mod tests {
         assert_eq!(m.route.topic(Some("Customer")).unwrap(), "Customer.events");
         assert!(m.tombstone_on_empty && m.on_update == OnUpdate::Fatal && m.delete_published_rows);
         assert_eq!(m.columns(), vec!["event_id", "agg_id", "body", "agg_type", "created_at", "type", "version", "shard"]);
+    }
+
+    #[test]
+    fn converters_come_from_the_connectors_lines() {
+        let m = Mapping::parse(&opts(&[])).unwrap();
+        assert_eq!((m.key_converter, m.value_converter), (Converter::Bytes, Converter::Bytes), "pass-through by default");
+        let m = Mapping::parse(&opts(&[
+            ("value.converter.schemas.enable", "false"),
+            ("key.converter", JSON_CONVERTER),
+            ("value.converter", JSON_CONVERTER),
+            ("value.converter.schemas.cache.size", "1000"),
+        ]))
+        .unwrap();
+        assert_eq!(m.key_converter, Converter::Json { schemas: true }, "JsonConverter's default: schemas on");
+        assert_eq!(m.value_converter, Converter::Json { schemas: false }, "schemas.enable before the class");
+        let m = Mapping::parse(&opts(&[("key.converter", STRING_CONVERTER), ("key.converter.schemas.enable", "true")])).unwrap();
+        assert_eq!(m.key_converter, Converter::Bytes);
+        let err = |pairs: &[(&str, &str)]| Mapping::parse(&opts(pairs)).unwrap_err();
+        assert!(err(&[("value.converter", "io.confluent.connect.avro.AvroConverter")]).contains("is not supported"));
+        assert!(err(&[("value.converter.decimal.format", "NUMERIC")]).contains("value.converter.decimal.format is not supported"));
+        assert!(err(&[("key.converter.schemas.enable", "maybe")]).contains("not true or false"));
     }
 
     #[test]
