@@ -548,7 +548,7 @@ def run_round(pg, broker, rabbit, r, last):
     res["ceiling-100"] = ceiling(pg, 100)
     relay_on(pg)
     res["relay-100"] = ours(pg, broker, "relay-100", emit_script, 100, profile=last)
-    res["table"] = ours(pg, broker, "table", table_script)
+    res["table"] = ours(pg, broker, "table", table_script, profile=last)
     res["table-1k"] = ours(pg, broker, "table-1k", table_script, rate=1000, clients=2)
     relay_off(pg)
     dbz = rig.DebeziumConnect(pg, broker, converters="string", connector=DEBEZIUM_CONNECTOR, worker=DEBEZIUM_WORKER)
@@ -668,7 +668,7 @@ def main():
     for k, us in calls.items():
         print(f"| {k} | {us:.2f} |")
     last = rounds[-1]
-    for key in ("relay-1", "relay-100"):
+    for key in ("relay-1", "relay-100", "table"):
         if last[key].get("profile"):
             print(f"\n| profile: the relay worker during {key}, last round (perf, cpu-clock, all its threads) | % of samples |\n|---|---|")
             for pct, dso, sym in last[key]["profile"]:

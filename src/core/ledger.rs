@@ -17,6 +17,15 @@ use crate::confirm::{Tracker, TxnSeq};
 /// reported unreachable (never acted on: the sink keeps retrying).
 pub const SINK_SILENCE: Duration = Duration::from_secs(3);
 
+/// Settled table rows are deleted in batches: once this many wait, or the
+/// first has waited [`ROW_DELETE_DELAY`]. Each delete is a transaction of
+/// the worker's own (a commit with its WAL flush, WAL the relay decodes
+/// again); one per settle cost the table path a transaction every few
+/// events. The slot is confirmed past a row only once it is deleted, so a
+/// crash leaves no published row behind: it is decoded and sent again.
+pub const ROW_DELETE_BATCH: usize = 1000;
+pub const ROW_DELETE_DELAY: Duration = Duration::from_millis(100);
+
 #[derive(Debug)]
 pub struct Ledger {
     tracker: Tracker,
@@ -36,6 +45,12 @@ pub struct Ledger {
     last_ack: Instant,
     /// Acknowledged since the last settle: (events, bytes).
     published: (u64, u64),
+    /// Settled rows not deleted yet, and since when the first has waited.
+    ready_rows: Vec<[u8; 16]>,
+    ready_adopted: Vec<AdoptedRow>,
+    ready_since: Option<Instant>,
+    /// The position confirmed last; while rows wait, it is not passed.
+    confirmed: u64,
 }
 
 /// A table row whose event, once settled, lets the row be deleted.
@@ -89,6 +104,10 @@ impl Ledger {
             failed: 0,
             last_ack: now,
             published: (0, 0),
+            ready_rows: Vec::new(),
+            ready_adopted: Vec::new(),
+            ready_since: None,
+            confirmed: 0,
         }
     }
 
@@ -156,12 +175,33 @@ impl Ledger {
     }
 
     /// One settle step, given that everything before `read_upto` has been
-    /// decoded and handed over.
-    pub fn settle(&mut self, read_upto: u64, now: Instant) -> Settlement {
-        let confirmable = self.tracker.confirmable(read_upto);
-        let delete_rows = settled(&mut self.table_rows, confirmable);
-        let delete_adopted = settled(&mut self.adopted_rows, confirmable);
-        while self.commit_times.front().is_some_and(|(l, _)| *l <= confirmable) {
+    /// decoded and handed over. Settled table rows are handed out for
+    /// deletion in batches (see [`ROW_DELETE_BATCH`]), or at once with
+    /// `flush` (the stream is about to end); until they are, the position
+    /// confirmed stays before them.
+    pub fn settle(&mut self, read_upto: u64, now: Instant, flush: bool) -> Settlement {
+        let settled_upto = self.tracker.confirmable(read_upto);
+        let rows = settled(&mut self.table_rows, settled_upto);
+        let adopted = settled(&mut self.adopted_rows, settled_upto);
+        if !rows.is_empty() || !adopted.is_empty() {
+            self.ready_since.get_or_insert(now);
+        }
+        self.ready_rows.extend(rows);
+        self.ready_adopted.extend(adopted);
+        let waiting = self.ready_rows.len() + self.ready_adopted.len();
+        let due = flush
+            || waiting >= ROW_DELETE_BATCH
+            || self.ready_since.is_some_and(|t| now.saturating_duration_since(t) >= ROW_DELETE_DELAY);
+        let (confirmable, delete_rows, delete_adopted) = if waiting == 0 || due {
+            self.ready_since = None;
+            (settled_upto, std::mem::take(&mut self.ready_rows), std::mem::take(&mut self.ready_adopted))
+        } else {
+            // Rows wait: their transactions all ended after the position
+            // confirmed last (they became settled after it), so it is kept.
+            (self.confirmed, Vec::new(), Vec::new())
+        };
+        self.confirmed = self.confirmed.max(confirmable);
+        while self.commit_times.front().is_some_and(|(l, _)| *l <= settled_upto) {
             self.commit_times.pop_front();
         }
         let in_flight = self.tracker.in_flight();
@@ -200,31 +240,31 @@ mod tests {
         let b = l.sent(200, 2, Some(Row::Own([2; 16])), t0);
         l.seal();
         l.acked(b, 10, t0);
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.delete_rows.len(), s.oldest_commit_time), (0, 0, 1));
         assert_eq!(s.published, (1, 10), "b counted once acknowledged");
         l.acked(a, 10, t0);
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!(s.confirmable, 300);
         assert_eq!(s.delete_rows, vec![[1; 16], [2; 16]]);
         assert_eq!(s.published, (1, 10));
-        assert_eq!(l.settle(300, t0).published, (0, 0), "counted once");
+        assert_eq!(l.settle(300, t0, true).published, (0, 0), "counted once");
     }
 
     #[test]
     fn silence_is_measured_from_the_first_event_in_flight_and_reset_by_an_ack() {
         let t0 = Instant::now();
         let mut l = Ledger::new(t0);
-        assert!(!l.settle(0, at(t0, 10_000)).sink_silent, "nothing in flight is never silence");
+        assert!(!l.settle(0, at(t0, 10_000), true).sink_silent, "nothing in flight is never silence");
         let a = l.sent(100, 0, None, at(t0, 10_000));
-        assert!(!l.settle(0, at(t0, 12_999)).sink_silent);
-        assert!(l.settle(0, at(t0, 13_000)).sink_silent);
+        assert!(!l.settle(0, at(t0, 12_999), true).sink_silent);
+        assert!(l.settle(0, at(t0, 13_000), true).sink_silent);
         let b = l.sent(200, 0, None, at(t0, 13_000));
         l.acked(a, 0, at(t0, 14_000));
-        assert!(!l.settle(0, at(t0, 16_999)).sink_silent);
-        assert!(l.settle(0, at(t0, 17_000)).sink_silent, "b still unacknowledged 3 s after the last ack");
+        assert!(!l.settle(0, at(t0, 16_999), true).sink_silent);
+        assert!(l.settle(0, at(t0, 17_000), true).sink_silent, "b still unacknowledged 3 s after the last ack");
         l.acked(b, 0, at(t0, 17_001));
-        assert!(!l.settle(300, at(t0, 60_000)).sink_silent);
+        assert!(!l.settle(300, at(t0, 60_000), true).sink_silent);
     }
 
     #[test]
@@ -235,14 +275,14 @@ mod tests {
         let b = l.sent(200, 6, None, t0);
         l.seal();
         assert_eq!(l.failed(a), (100, 5));
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.drained), (0, false), "b is still in flight");
         l.acked(b, 1, t0);
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.drained), (0, true), "never confirmed past the failed event");
         // Dead-lettered: settled, and no longer counted as failed.
         l.settled_elsewhere(a, true);
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.in_flight), (300, 0));
     }
 
@@ -253,7 +293,7 @@ mod tests {
         let a = l.sent(100, 0, Some(Row::Own([7; 16])), t0);
         l.settled_elsewhere(a, false);
         l.seal();
-        let s = l.settle(150, t0);
+        let s = l.settle(150, t0, true);
         assert_eq!(s.confirmable, 150);
         assert_eq!(s.delete_rows, vec![[7; 16]]);
         assert_eq!(s.published, (0, 0), "not counted as published");
@@ -271,12 +311,51 @@ mod tests {
         for s in [a, b] {
             l.acked(s, 1, t0);
         }
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.delete_rows, s.delete_adopted), (100, vec![[3; 16]], vec![row("1")]));
         l.acked(c, 1, t0);
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert_eq!((s.confirmable, s.delete_rows, s.delete_adopted), (300, vec![], vec![row("2")]));
-        let s = l.settle(300, t0);
+        let s = l.settle(300, t0, true);
         assert!(s.delete_rows.is_empty() && s.delete_adopted.is_empty(), "released once");
+    }
+
+    #[test]
+    fn settled_rows_are_deleted_in_batches_and_the_position_waits_for_them() {
+        let t0 = Instant::now();
+        let mut l = Ledger::new(t0);
+        let a = l.sent(100, 1, None, t0);
+        l.seal();
+        l.acked(a, 1, t0);
+        assert_eq!(l.settle(150, t0, false).confirmable, 150, "no rows: confirmed at once");
+        let b = l.sent(200, 2, Some(Row::Own([2; 16])), t0);
+        let c = l.sent(300, 3, None, t0);
+        l.seal();
+        l.acked(b, 1, t0);
+        l.acked(c, 1, t0);
+        let s = l.settle(350, at(t0, 10), false);
+        assert_eq!((s.confirmable, s.delete_rows.len()), (150, 0), "the row waits, and the position before it");
+        let d = l.sent(400, 4, Some(Row::Own([4; 16])), at(t0, 50));
+        l.seal();
+        l.acked(d, 1, at(t0, 50));
+        assert_eq!(l.settle(450, at(t0, 109), false).confirmable, 150, "still within the delay of the first row");
+        let s = l.settle(450, at(t0, 110), false);
+        assert_eq!((s.confirmable, s.delete_rows), (450, vec![[2; 16], [4; 16]]), "due: every waiting row, then the position");
+        assert_eq!(l.settle(450, at(t0, 120), false).delete_rows.len(), 0, "handed out once");
+
+        let mut l = Ledger::new(t0);
+        for i in 0..ROW_DELETE_BATCH as u64 {
+            let s = l.sent(100 + i, 0, Some(Row::Own([1; 16])), t0);
+            l.acked(s, 1, t0);
+        }
+        l.seal();
+        assert_eq!(l.settle(5000, t0, false).delete_rows.len(), ROW_DELETE_BATCH, "a full batch goes at once");
+
+        let mut l = Ledger::new(t0);
+        let e = l.sent(100, 0, Some(Row::Adopted(AdoptedRow { table: "t".into(), column: "id".into(), id: "7".into() })), t0);
+        l.seal();
+        l.acked(e, 1, t0);
+        let s = l.settle(150, t0, true);
+        assert_eq!((s.confirmable, s.delete_adopted.len()), (150, 1), "flush: at once (the stream is ending)");
     }
 }

@@ -258,7 +258,7 @@ impl Relay {
                 decode::decode_pass(self.ctx, &mut self.deliver);
             }
             self.deliver.apply_reports(Duration::ZERO);
-            self.settle();
+            self.settle(false);
             match &self.waiter {
                 // Woken by a commit (the latch) or by reports (the sink).
                 Some(w) => w.wait(IDLE_WAIT.as_millis() as i64),
@@ -284,6 +284,11 @@ impl Relay {
         self.deliver.reload();
         self.check_adopted_tables();
         let restart_needed = settings::producer_fingerprint() != self.fingerprint || !settings::relay_enabled();
+        if restart_needed {
+            // Settled rows waiting to be deleted are deleted and confirmed
+            // past before the exit, so the new stream does not send them again.
+            self.settle(true);
+        }
         state::feed(Input::Reloaded { restart_needed }, None);
     }
 }

@@ -23,15 +23,18 @@ use outbox_core::ledger::AdoptedRow;
 impl Relay {
     /// The step outside decoding: write dead letters, delete settled table
     /// rows, publish the status, then confirm (and now and then save) the
-    /// slot's position.
-    pub(super) fn settle(&mut self) {
+    /// slot's position. Rows are deleted in batches (see
+    /// `outbox_core::ledger::ROW_DELETE_BATCH`), and at once with `flush` or
+    /// once the stream no longer sends (it is about to end): an exit then
+    /// re-sends nothing that was settled.
+    pub(super) fn settle(&mut self, flush: bool) {
         // SAFETY: reading our own reader's position.
         let read_upto = unsafe { (*(*self.ctx).reader).EndRecPtr };
         if !self.deliver.dead.is_empty() {
             self.store_dead_letters();
         }
         let now = clock::now();
-        let s = self.deliver.ledger.settle(read_upto, now);
+        let s = self.deliver.ledger.settle(read_upto, now, flush || !state::mode().sends());
         self.delete_published_rows(&s.delete_rows, &s.delete_adopted);
         // The status first, then the confirmation: whoever sees the new
         // confirmed position (outbox_drain) then sees counters and state
