@@ -611,11 +611,13 @@ class DebeziumConnect:
 
     def launch(self) -> None:
         """Starts the worker and returns at once."""
+        esc = lambda v: v.replace("\\", "\\\\")  # noqa: E731
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
         for name, props in (("worker", self.worker), ("connector", self.connector)):
-            (self.dir / f"{name}.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            # As .properties: a backslash is written as two.
+            (self.dir / f"{name}.properties").write_text("".join(f"{k}={esc(v)}\n" for k, v in props.items()))
         cmd = ["java", "-Xms256M", "-Xmx2G", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
                "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
                "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn", "-cp", f"{DEBEZIUM_LIBS}/*",

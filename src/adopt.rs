@@ -18,7 +18,7 @@ use outbox_core::router::Mapping;
 pub fn problems(tables: &str, options: &str) -> Vec<String> {
     match crate::settings::tables::parse(tables, options) {
         Err(e) => vec![e],
-        Ok((tables, mapping)) => tables.iter().filter_map(|t| check_table(t, &mapping).err()).collect(),
+        Ok((tables, mapping)) => tables.iter().filter_map(|t| check_table(t, &mapping, true).err()).collect(),
     }
 }
 
@@ -37,37 +37,44 @@ fn relid_of(t: &TableName) -> Option<pg_sys::Oid> {
 /// Whether the current user may have `t` adopted: ALTER SYSTEM on
 /// `outbox.tables` and `outbox.table_options` can be granted to a role
 /// that is not superuser (GRANT ALTER SYSTEM ON PARAMETER), and the relay
-/// reads and publishes a table's rows, and with `delete.published.rows`
-/// deletes them, with rights of its own. Such a role needs SELECT on the
-/// table, and DELETE when rows are deleted: it gains nothing it did not
-/// hold. In a transaction; `t` exists (see [`check_table`]).
-pub fn check_rights(t: &TableName, m: &Mapping) -> Result<(), String> {
+/// reads and publishes a table's rows with rights of its own. Such a role
+/// needs SELECT on the table, with no row-level security limiting what it
+/// reads there: it may publish only what it could read itself
+/// (`delete.published.rows` is a superuser's alone, see
+/// `settings::tables`). In a transaction.
+pub fn check_rights(t: &TableName) -> Result<(), String> {
     let Some(relid) = relid_of(t) else {
         return Err(format!("table {t} does not exist"));
     };
-    // SAFETY: an ACL check of an existing relation for the current user, in
-    // a transaction; it raises only for a relation gone meanwhile (an
-    // ERROR, not memory unsafety).
-    let allowed = |mode: u32| unsafe {
-        pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), mode as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK
+    // SAFETY: an ACL check and a row-level-security check of an existing
+    // relation for the current user, in a transaction (pg_class_aclcheck
+    // raises only for a relation gone meanwhile; check_enable_rls is asked
+    // not to raise).
+    let (select, rls) = unsafe {
+        (
+            pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::check_enable_rls(relid, pg_sys::InvalidOid, true) as u32 != pg_sys::CheckEnableRlsResult::RLS_NONE,
+        )
     };
-    if !allowed(pg_sys::ACL_SELECT) {
+    if !select {
         return Err(format!(
             "permission denied for table {t}: publishing its rows needs SELECT on it (the relay reads them with rights \
              of its own)"
         ));
     }
-    if m.delete_published_rows && !allowed(pg_sys::ACL_DELETE) {
+    if rls {
         return Err(format!(
-            "permission denied for table {t}: delete.published.rows needs DELETE on it (the relay deletes as the \
-             table's owner)"
+            "table {t} has row-level security that applies to you: the relay would publish every row, not only those \
+             you may read; only a superuser (or the table's policies' exempt roles) can adopt it"
         ));
     }
     Ok(())
 }
 
-/// Checks that `t` exists, is a plain table, and fits `m`. In a transaction.
-pub fn check_table(t: &TableName, m: &Mapping) -> Result<(), String> {
+/// Checks that `t` exists, is a plain table, and fits `m`. In a
+/// transaction. With `nowait`, a table another session holds locked
+/// (ACCESS EXCLUSIVE) is not waited for: that is said instead.
+pub fn check_table(t: &TableName, m: &Mapping, nowait: bool) -> Result<(), String> {
     // SAFETY: in the caller's transaction; the relation is opened with
     // AccessShareLock (try_relation_open returns NULL when it is gone) and
     // closed with the same lock before returning.
@@ -75,7 +82,11 @@ pub fn check_table(t: &TableName, m: &Mapping) -> Result<(), String> {
         let Some(relid) = relid_of(t) else {
             return Err(format!("table {t} does not exist"));
         };
-        let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        if nowait && !pg_sys::ConditionalLockRelationOid(relid, lock) {
+            return Err(format!("table {t} is locked by another session: not checked now"));
+        }
+        let rel = pg_sys::try_relation_open(relid, if nowait { pg_sys::NoLock as pg_sys::LOCKMODE } else { lock });
         if rel.is_null() {
             return Err(format!("table {t} does not exist"));
         }
@@ -152,8 +163,11 @@ pub unsafe fn plan_of(rel: pg_sys::Relation, table: &str, m: &Mapping) -> Result
                 (!(*a).attisdropped && n.to_bytes() == name.as_bytes()).then(|| (i, classify((*a).atttypid)))
             })
         };
-        let not_null = |i: usize| (*attr(desc, i)).attnotnull;
-        adopt::plan_with(m, table, lookup, not_null)
+        let flags = |i: usize| {
+            let a = attr(desc, i);
+            adopt::ColumnFlags { not_null: (*a).attnotnull, has_default: (*a).atthasdef }
+        };
+        adopt::plan_with(m, table, lookup, flags)
     }
 }
 

@@ -226,14 +226,23 @@ fn read_properties_file(path: &str) -> Result<Vec<(String, String)>, String> {
     let cannot = |e: std::io::Error| format!("cannot read outbox.kafka_properties_file \"{path}\": {e}");
     // The ownership checked is the opened file's (fstat), so the text read
     // is the text of the file checked.
-    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let file = std::fs::File::open(path).map_err(cannot)?;
     let meta = file.metadata().map_err(cannot)?;
+    // A regular file of a sane size: the check runs in the postmaster too,
+    // where a device or /proc file could block or exhaust memory.
+    const MAX_BYTES: u64 = 1024 * 1024;
+    if !meta.is_file() || meta.len() > MAX_BYTES {
+        return Err(format!("outbox.kafka_properties_file \"{path}\" must be a regular file of at most 1 MiB"));
+    }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let server_uid = unsafe { libc::geteuid() };
     kafka_props::check_file_ownership(meta.uid(), meta.mode(), server_uid)
         .map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))?;
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(cannot)?;
+    file.take(MAX_BYTES + 1).read_to_string(&mut text).map_err(cannot)?;
+    if text.len() as u64 > MAX_BYTES {
+        return Err(format!("outbox.kafka_properties_file \"{path}\" must be a regular file of at most 1 MiB"));
+    }
     kafka_props::parse_file(&text)
         .and_then(|props| kafka_props::check(&props, kafka_props::Origin::File).map(|()| props))
         .map_err(|e| format!("outbox.kafka_properties_file \"{path}\": {e}"))

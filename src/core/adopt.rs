@@ -179,15 +179,23 @@ pub struct Plan {
 /// (Some((index, type)) or None). Errors name the table, the column and
 /// what is wrong, as a DBA reads them at SET time.
 pub fn plan(m: &Mapping, table: &str, lookup: impl Fn(&str) -> Option<(usize, ColumnType)>) -> Result<Plan, String> {
-    plan_with(m, table, lookup, |_| false)
+    plan_with(m, table, lookup, |_| ColumnFlags::default())
 }
 
-/// [`plan`], where `not_null` says which columns (by index) are NOT NULL.
+/// What the catalog says of a column beside its type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ColumnFlags {
+    pub not_null: bool,
+    pub has_default: bool,
+}
+
+/// [`plan`], where `flags` says which columns (by index) are NOT NULL or
+/// have a DEFAULT.
 pub fn plan_with(
     m: &Mapping,
     table: &str,
     lookup: impl Fn(&str) -> Option<(usize, ColumnType)>,
-    not_null: impl Fn(usize) -> bool,
+    flags: impl Fn(usize) -> ColumnFlags,
 ) -> Result<Plan, String> {
     let need = |option: &str, column: &str| -> Result<Col, String> {
         let (index, ty) = lookup(column)
@@ -242,8 +250,21 @@ pub fn plan_with(
             .then(|| typed("tracing.span.context.field", &m.tracing_column, &[Text], "text or varchar"))
             .transpose()?,
     };
-    p.key_optional = !not_null(p.key.index);
-    p.payload_optional = !not_null(p.payload.index);
+    p.key_optional = !flags(p.key.index).not_null;
+    p.payload_optional = !flags(p.payload.index).not_null;
+    // Debezium's schema for a column with a DEFAULT carries that default
+    // (as Debezium renders it, a placeholder for a function's): not made here.
+    for (conv, option, col, column) in
+        [(m.key_converter, "key", p.key, &m.key_column), (m.value_converter, "value", p.payload, &m.payload_column)]
+    {
+        if conv == (Converter::Json { schemas: true }) && flags(col.index).has_default {
+            return Err(format!(
+                "column \"{column}\" of table {table} has a DEFAULT, which Debezium's schema for it would carry: \
+                 {option}.converter={JSON_CONVERTER} with {option}.converter.schemas.enable=true is not supported for it \
+                 (with schemas.enable=false it is)"
+            ));
+        }
+    }
     if m.key_converter != Converter::Bytes && ![Text, Uuid, Int4].contains(&p.key.ty) {
         return Err(format!(
             "column \"{}\" of table {table} (the mapping's table.field.event.key) must be a string type, uuid or \
@@ -494,8 +515,7 @@ pub fn row_event(m: &Mapping, plan: &Plan, table: &str, at: &str, get: impl Fn(C
 /// The key as JsonConverter writes the router's key (the column's value
 /// with Debezium's schema for its type): a string or uuid as a JSON
 /// string, an integer as a number; with `schemas`, in the
-/// `{"schema":...,"payload":...}` envelope. None: no bytes (a NULL key
-/// without schemas).
+/// `{"schema":...,"payload":...}` envelope.
 fn json_key(plan: &Plan, v: Value, schemas: bool) -> Option<String> {
     let optional = plan.key_optional;
     let (schema, payload) = match (&v, plan.key.ty) {
@@ -504,10 +524,10 @@ fn json_key(plan: &Plan, v: Value, schemas: bool) -> Option<String> {
         (_, ColumnType::Int4) => (connect_schema("int32", optional, None), None),
         _ => (connect_schema("string", optional, None), v.text().map(|t| connect_json_string(&t))),
     };
-    if !schemas {
-        return payload;
-    }
-    Some(format!("{{\"schema\":{schema},\"payload\":{}}}", payload.as_deref().unwrap_or("null")))
+    let payload = payload.unwrap_or_else(|| "null".to_owned());
+    // A NULL key has the key column's schema still, so JsonConverter writes
+    // `null`, not no bytes (and the partitioner hashes those four bytes).
+    Some(if schemas { format!("{{\"schema\":{schema},\"payload\":{payload}}}") } else { payload })
 }
 
 /// The value as JsonConverter writes the router's value, the payload column
@@ -821,11 +841,11 @@ mod tests {
         v[2] = Value::Null;
         v[4] = Value::Null;
         let e = row_event(&plain, &p, "t", "0/1", row(&v));
-        assert_eq!((e.key, e.value), (None, None), "a NULL key and a tombstone: no bytes");
+        assert_eq!((e.key.as_deref(), e.value), (Some("null"), None), "a NULL key is JSON null; a tombstone no bytes");
 
         let enveloped = json("true");
-        let not_null = |i: usize| i == 0 || i == 2;
-        let p = plan_with(&enveloped, "t", debezium_table, not_null).unwrap();
+        let flags = |i: usize| ColumnFlags { not_null: i == 0 || i == 2, has_default: i == 0 };
+        let p = plan_with(&enveloped, "t", debezium_table, flags).unwrap();
         let e = row_event(&enveloped, &p, "t", "0/1", row(&sample()));
         assert_eq!(e.key.as_deref(), Some(r#"{"schema":{"type":"string","optional":false},"payload":"42"}"#));
         assert_eq!(
@@ -844,6 +864,9 @@ mod tests {
         let e = row_event(&int_key, &plan(&int_key, "t", debezium_table).unwrap(), "t", "0/1", row(&sample()));
         assert_eq!(e.key.as_deref(), Some(r#"{"schema":{"type":"int32","optional":true},"payload":2}"#));
         assert!(plan(&by("created"), "t", debezium_table).unwrap_err().contains("must be a string type, uuid or integer"));
+        let defaulted = |i: usize| ColumnFlags { not_null: true, has_default: i == 4 };
+        assert!(plan_with(&enveloped, "t", debezium_table, defaulted).unwrap_err().contains("has a DEFAULT"));
+        assert!(plan_with(&plain, "t", debezium_table, defaulted).is_ok(), "without schemas a default changes nothing");
         let env = mapping(&[("value.converter", JSON_CONVERTER), ("table.fields.additional.placement", "type:envelope")]);
         assert!(plan(&env, "t", debezium_table).unwrap_err().contains("envelope placements with value.converter"));
     }

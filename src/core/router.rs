@@ -163,8 +163,10 @@ impl Mapping {
         let mut converters = [(None, None), (None, None)];
         let (mut regex, mut replacement, mut by) = (DEFAULT_REGEX.to_owned(), DEFAULT_REPLACEMENT.to_owned(), m.route.by_column.clone());
         for (k, v) in options {
-            let option = strip_prefix(k.trim());
-            let v = v.trim();
+            let k = unescape_properties(k.trim());
+            let option = strip_prefix(&k);
+            let v = unescape_properties(v.trim());
+            let v = v.as_str();
             let column = || -> Result<String, String> {
                 if v.is_empty() {
                     Err(format!("{option}: a column name is needed"))
@@ -263,6 +265,41 @@ impl Mapping {
         }
         c
     }
+}
+
+/// A key or value as `java.util.Properties` reads it from the connector's
+/// `.properties` file: `\\` is one backslash, `\t` `\n` `\r` `\f` and
+/// `\uXXXX` the characters, and a backslash before any other character is
+/// dropped. So a line pasted from that file means what it meant to Kafka
+/// Connect: the regex `\\.` written there is `\.` (a literal dot) here too.
+fn unescape_properties(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.clone().take(4).collect();
+                match u32::from_str_radix(&hex, 16).ok().filter(|_| hex.len() == 4).and_then(char::from_u32) {
+                    Some(ch) => {
+                        out.push(ch);
+                        chars.nth(3);
+                    }
+                    None => out.push('u'),
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
 }
 
 fn strip_prefix(k: &str) -> &str {
@@ -438,6 +475,18 @@ mod tests {
         assert_eq!(m.route.topic(Some("Customer")).unwrap(), "Customer.events");
         assert!(m.tombstone_on_empty && m.on_update == OnUpdate::Fatal && m.delete_published_rows);
         assert_eq!(m.columns(), vec!["event_id", "agg_id", "body", "agg_type", "created_at", "type", "version", "shard"]);
+    }
+
+    #[test]
+    fn values_are_read_as_a_properties_file_reads_them() {
+        assert_eq!(unescape_properties(r"(?<kind>[a-z]+)\\.v1"), r"(?<kind>[a-z]+)\.v1");
+        assert_eq!(unescape_properties(r"a\.b\tc\u00e9\:d"), "a.b\tcé:d", "an unknown escape drops its backslash, as Java's");
+        assert_eq!(unescape_properties(r"\u12"), "u12");
+        assert_eq!(unescape_properties("plain"), "plain");
+        let m = Mapping::parse(&opts(&[("transforms.outbox.route.topic.regex", r"(?<kind>[a-z]+)\\.v1"),
+                                        ("transforms.outbox.route.topic.replacement", "t.${kind}")])).unwrap();
+        assert_eq!(m.route.topic(Some("invoice.v1")).unwrap(), "t.invoice");
+        assert_eq!(m.route.topic(Some("invoiceXv1")).unwrap(), "invoiceXv1", "the dot is a literal dot");
     }
 
     #[test]

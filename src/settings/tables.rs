@@ -106,6 +106,14 @@ fn check(tables: &str, options: &str) -> Result<(), String> {
         let name = pg_sys::get_database_name(pg_sys::MyDatabaseId);
         (!name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == super::database().as_bytes(), pg_sys::superuser())
     };
+    // Deleting as each table's owner is a superuser's to ask for: a
+    // delegated role could otherwise order its two ALTER SYSTEMs so that
+    // each is checked against the other's old value.
+    if !superuser && mapping.delete_published_rows {
+        return Err("delete.published.rows deletes rows as each table's owner: while it is on, only a superuser can \
+                    set outbox.tables or outbox.table_options"
+            .to_owned());
+    }
     // The tables live in outbox.database: from any other database (an
     // ALTER SYSTEM run there) only the syntax can be checked.
     if !in_outbox_db {
@@ -119,10 +127,11 @@ fn check(tables: &str, options: &str) -> Result<(), String> {
         ));
     }
     for t in &tables {
-        crate::adopt::check_table(t, &mapping)?;
+        // Rights first: a table the role may not read is not opened for it.
         if !superuser {
-            crate::adopt::check_rights(t, &mapping)?;
+            crate::adopt::check_rights(t)?;
         }
+        crate::adopt::check_table(t, &mapping, false)?;
     }
     Ok(())
 }

@@ -234,20 +234,7 @@ impl KafkaSink {
             .set("message.max.bytes", (max_event_bytes + 16 * 1024).max(1_000_000).to_string())
             .set("client.id", "outbox-relay")
             .set("queue.buffering.max.messages", "20000");
-        let mut ignored = Vec::new();
-        for (k, v) in user {
-            // Refused by the settings already; kept as a second line.
-            let c = outbox_core::kafka_props::canonical(k);
-            if FIXED.iter().any(|(f, _)| outbox_core::kafka_props::canonical(f) == c) {
-                ignored.push(k.clone());
-            } else {
-                config.set(k, v);
-            }
-        }
-        for (k, v) in FIXED {
-            config.set(k, v);
-        }
-        // After the user's properties: while a refused batch is isolated,
+        // Over the user's properties: while a refused batch is isolated,
         // each event in a request of its own, one request at a time (a
         // batch rejection then names the event really refused, see
         // kafka_errors::is_batch_rejection, and nothing behind it is in
@@ -257,10 +244,22 @@ impl KafkaSink {
         // event outbox.max_event_bytes allows, so an event never waits for
         // room that cannot exist (32 MiB at the least).
         let (overrides, overrode) = outbox_core::kafka_props::relay_overrides(user, queue_kbytes(max_event_bytes), one_per_request);
-        for (k, v) in overrides {
+        let mut ignored = overrode;
+        let canonical = outbox_core::kafka_props::canonical;
+        for (k, v) in user {
+            // A fixed property is refused by the settings already (kept as
+            // a second line); an overridden one is left out under every
+            // name, as the configuration is applied in no set order.
+            let c = canonical(k);
+            if FIXED.iter().any(|(f, _)| canonical(f) == c) {
+                ignored.push(k.clone());
+            } else if !overrides.iter().any(|(o, _)| canonical(o) == c) {
+                config.set(k, v);
+            }
+        }
+        for (k, v) in FIXED.iter().copied().chain(overrides.iter().map(|(k, v)| (*k, v.as_str()))) {
             config.set(k, v);
         }
-        ignored.extend(overrode);
         let producer = with_signals_blocked(|| {
             config.create_with_context::<Ctx, BaseProducer<Ctx>>(Ctx {
                 reports: Mutex::new(Vec::new()),
