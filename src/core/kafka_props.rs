@@ -330,7 +330,38 @@ mod tests {
 
     #[test]
     fn code_loading_and_file_reading_properties_only_from_the_file() {
-        for k in ["plugin.library.paths", "sasl.kerberos.kinit.cmd", "ssl.engine.location", "SSL.Providers", "ssl.key.location", "sasl.kerberos.keytab"] {
+        // Every name by itself (not read from the lists, so that dropping
+        // one from them fails here), in any case.
+        let names = [
+            "plugin.library.paths",
+            "sasl.kerberos.kinit.cmd",
+            "sasl.kerberos.principal",
+            "sasl.kerberos.min.time.before.relogin",
+            "interceptors",
+            "ssl.engine.location",
+            "ssl.engine.id",
+            "SSL.Providers",
+            "ssl_engine_callback_data",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.token.endpoint.url",
+            "sasl.oauthbearer.method",
+            "sasl.oauthbearer.metadata.authentication.type",
+            "https.ca.location",
+            "https.ca.pem",
+            "ssl.key.location",
+            "ssl.certificate.location",
+            "ssl.ca.location",
+            "ssl.crl.location",
+            "ssl.keystore.location",
+            "ssl.ca.directory",
+            "sasl.kerberos.keytab",
+            "sasl.oauthbearer.assertion.private.key.file",
+            "sasl.oauthbearer.assertion.file",
+            "offset.store.path",
+            "offset.store.method",
+            "sasl.oauthbearer.assertion.jwt.template.file",
+        ];
+        for k in names {
             let e = check(&kv(&[(k, "/tmp/x")]), Origin::Setting).unwrap_err();
             assert!(e.contains("only in outbox.kafka_properties_file"), "{k}: {e}");
             assert!(check(&kv(&[(k, "/tmp/x")]), Origin::File).is_ok(), "{k}");
