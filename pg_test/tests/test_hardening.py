@@ -373,6 +373,31 @@ def test_d5_message_key_missing_or_replaced_never_loses_an_unpublished_event(db,
         got = broker.consume(topic, expect=3, timeout=30, linger=1)
         assert first_occurrences(got) == [str(first), str(kept), str(replaced)]
         assert len(got) == 3, "a clean stop saved the confirmed position: nothing was sent twice"
+
+        # Replaced again, with on_rejected_event = stop: the relay stops
+        # before the unverified event and confirms nothing past it, an event
+        # committed after it waits, and both go once the policy dead-letters it.
+        with pg.connect() as c:
+            c.execute("DELETE FROM outbox_dead_letter")
+            c.execute("ALTER SYSTEM SET outbox.on_rejected_event = 'stop'")
+        stopped_at, held = unpublished_event_then_stop(4)
+        key_path(pg).write_bytes(os.urandom(32))
+        pg.start()
+        status = rig.wait_for_relay(pg, state="stopped on bad event", timeout=30)
+        assert "not verified" in status["last_error"] and str(stopped_at) in status["last_error"], status["last_error"]
+        with pg.connect() as c:
+            behind = emit(c, topic, "k", {"n": 5})
+            time.sleep(1)
+            assert confirmed_lsn(c) == held, "nothing confirmed past the stopped event"
+            assert c.execute("SELECT count(*) FROM outbox_dead_letter").fetchone()[0] == 0
+            c.execute("ALTER SYSTEM SET outbox.on_rejected_event = 'dead_letter'")
+            c.execute("SELECT pg_reload_conf()")
+        rig.wait_for_relay(pg, timeout=30)
+        rig.drain(pg)
+        with pg.connect() as c:
+            assert [(str(i), u) for i, u in c.execute("SELECT id, unverified FROM outbox_dead_letter")] == [(str(stopped_at), True)]
+        got = broker.consume(topic, expect=4, timeout=30, linger=1)
+        assert first_occurrences(got) == [str(first), str(kept), str(replaced), str(behind)]
     finally:
         pg.stop(mode="immediate", check=False)
 

@@ -210,7 +210,8 @@ def test_monitoring_role_reads_status_but_not_the_secrets_file(db):
         row = dict(zip([d.name for d in cur.description], cur.fetchone()))
         assert row["state"] == "streaming" and row["slot_name"] == "outbox"
         assert secret not in repr(row)
-        assert mon.execute("SELECT samples FROM outbox_relay_latency()").fetchone()[0] >= 0
+        samples, = mon.execute("SELECT samples FROM outbox_relay_latency()").fetchone()
+        assert isinstance(samples, int), "pg_monitor may read the latency histogram"
         settings = mon.execute("SELECT string_agg(name || '=' || coalesce(setting, ''), ' ') FROM pg_settings WHERE name LIKE 'outbox.%'").fetchone()[0]
         assert str(path) in settings and secret not in settings
         assert sqlstate_of(mon, "SELECT pg_read_file(%s)", (str(path),)).sqlstate == "42501"
@@ -247,7 +248,7 @@ def test_settings_are_validated_and_the_prefix_is_reserved(db):
             e = sqlstate_of(c, f"ALTER SYSTEM SET {name} = '{value}'")
             assert e.sqlstate == "22023" and message in str(e), (name, str(e))
         e = sqlstate_of(c, "SET outbox.slotname = 'x'")
-        assert e.sqlstate == "42602" and "reserved prefix" in str(e).lower() or "invalid configuration parameter" in str(e)
+        assert e.sqlstate == "42602" and ("reserved prefix" in str(e).lower() or "invalid configuration parameter" in str(e)), str(e)
         e = sqlstate_of(c, "SET outbox.topic_template = 'x'")
         assert e.sqlstate == "55P02"  # reloadable, not settable per session
 
