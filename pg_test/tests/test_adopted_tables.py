@@ -105,6 +105,7 @@ def same_record(ours, theirs):
     assert our_headers == dbz_headers
 
 
+@pytest.mark.one_major
 def test_quarkus_style_table_gives_the_routers_records(app, broker, dbz_broker):
     """Quarkus' outbox extension's table with a jsonb payload: rows inserted
     and deleted in one transaction (remove-after-insert), a NULL payload as a
@@ -164,6 +165,7 @@ def test_quarkus_style_table_gives_the_routers_records(app, broker, dbz_broker):
         assert c.execute("SELECT count(*) FROM app.outboxevent").fetchone()[0] == 2, "the application's rows stay"
 
 
+@pytest.mark.one_major
 def test_bytea_payload_renamed_columns_regex_route_and_partition(app, broker, dbz_broker):
     """A table with other names and types: bigint id, bytea payload sent as
     raw bytes, routing by a regex with a named group, a partition column."""
@@ -209,6 +211,7 @@ def test_bytea_payload_renamed_columns_regex_route_and_partition(app, broker, db
     assert ours["99"]["topic"] == no_dot, "no whole match (the dot is literal): the value itself is the topic"
 
 
+@pytest.mark.one_major
 def test_json_converter_keys_and_values_are_debeziums_bytes(app, broker, dbz_broker):
     """The guides' converter (JsonConverter) in the connector's lines: the
     key without schemas, as the seed configuration has it, and the value
@@ -248,6 +251,7 @@ def test_json_converter_keys_and_values_are_debeziums_bytes(app, broker, dbz_bro
             assert json.loads(v["payload"]) == payloads[i], "the payload's JSON inside a JSON string"
 
 
+@pytest.mark.one_major
 def test_cutover_from_a_running_connector_publishes_each_row_once(app, broker, dbz_broker):
     """The README's cut-over, done while the application writes (insert and
     delete, a transaction per row): every row is published exactly once,

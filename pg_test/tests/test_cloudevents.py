@@ -10,9 +10,12 @@ import time
 from cloudevents.core.bindings.kafka import KafkaMessage, from_binary, from_structured
 from cloudevents.core.formats.json import JSONFormat
 from psycopg import sql
+import pytest
 
 import rig
 from helpers import sqlstate_of, with_relay_restarted
+
+pytestmark = pytest.mark.one_major
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 

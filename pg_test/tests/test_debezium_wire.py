@@ -15,7 +15,11 @@ test pins that difference exactly, and the README lists it with the others
 import json
 import uuid
 
+import pytest
+
 import rig
+
+pytestmark = pytest.mark.one_major
 
 PAYLOADS = [
     {"total": 4200, "items": [{"sku": "a-1", "qty": 2}], "note": None},

@@ -15,6 +15,8 @@ import pytest
 import rig
 from load import Load, compare
 
+pytestmark = pytest.mark.one_major
+
 
 @pytest.fixture(scope="module")
 def cluster(pg):

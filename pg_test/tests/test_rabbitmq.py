@@ -14,6 +14,8 @@ import rig
 from helpers import alter_system, with_relay_restarted
 from load import Load, compare
 
+pytestmark = pytest.mark.one_major
+
 EXCHANGE = "outbox_events"
 
 
